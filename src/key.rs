@@ -1,0 +1,177 @@
+//! [`IdempotencyKey`]: the validated value of the idempotency key header.
+
+use std::fmt;
+
+use http::{HeaderMap, HeaderName};
+
+/// The longest key accepted, in characters (bytes: keys are ASCII).
+pub const MAX_KEY_LEN: usize = 255;
+
+/// A validated idempotency key.
+///
+/// Accepted: exactly one header field whose value, after unwrapping a well-formed
+/// structured-field string (RFC 8941 section 3.3.3: `"..."` with `\"` and `\\` as the only
+/// escapes, as the IETF Idempotency-Key draft writes keys), is 1 to 255 visible ASCII
+/// characters (0x21 to 0x7E). A UUID is the usual choice.
+///
+/// The key is a client secret of sorts (whoever knows it can read the stored response within
+/// the same scope), so its `Debug` output is redacted and the layer never logs it.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct IdempotencyKey(String);
+
+/// Why a key header was rejected (the layer answers 400 with this as the detail).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum KeyError {
+    /// The header is absent (only an error when the key is required).
+    Missing,
+    /// The header appears more than once.
+    Repeated,
+    /// The value is empty (or an empty structured-field string).
+    Empty,
+    /// The value is longer than 255 characters.
+    TooLong,
+    /// The value has a character outside visible ASCII (0x21 to 0x7E), or is a malformed
+    /// structured-field string.
+    InvalidCharacter,
+}
+
+impl fmt::Display for KeyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            KeyError::Missing => "the idempotency key header is required on this endpoint",
+            KeyError::Repeated => "the idempotency key header must appear exactly once",
+            KeyError::Empty => "the idempotency key must not be empty",
+            KeyError::TooLong => "the idempotency key must be at most 255 characters",
+            KeyError::InvalidCharacter => {
+                "the idempotency key must be visible ASCII characters (0x21 to 0x7E), \
+                 optionally as a structured-field string (\"...\")"
+            }
+        })
+    }
+}
+
+impl std::error::Error for KeyError {}
+
+impl IdempotencyKey {
+    /// Reads and validates the key from `headers` under `name`. `Ok(None)` when the header is
+    /// absent.
+    pub fn from_headers(headers: &HeaderMap, name: &HeaderName) -> Result<Option<Self>, KeyError> {
+        let mut values = headers.get_all(name).iter();
+        let Some(value) = values.next() else {
+            return Ok(None);
+        };
+        if values.next().is_some() {
+            return Err(KeyError::Repeated);
+        }
+        Self::parse(value.as_bytes()).map(Some)
+    }
+
+    /// Validates one header value.
+    pub fn parse(raw: &[u8]) -> Result<Self, KeyError> {
+        let unwrapped = match raw {
+            [b'"', inner @ .., b'"'] => unwrap_sf_string(inner)?,
+            [b'"', ..] => return Err(KeyError::InvalidCharacter),
+            _ => raw.to_vec(),
+        };
+        if unwrapped.is_empty() {
+            return Err(KeyError::Empty);
+        }
+        if unwrapped.len() > MAX_KEY_LEN {
+            return Err(KeyError::TooLong);
+        }
+        if !unwrapped.iter().all(|b| (0x21..=0x7e).contains(b)) {
+            return Err(KeyError::InvalidCharacter);
+        }
+        // Visible ASCII is valid UTF-8.
+        String::from_utf8(unwrapped)
+            .map(Self)
+            .map_err(|_| KeyError::InvalidCharacter)
+    }
+
+    /// The key text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// The content of an RFC 8941 string between its quotes: printable ASCII (0x20 to 0x7E),
+/// `\` only before `"` or `\`, no bare `"`.
+fn unwrap_sf_string(inner: &[u8]) -> Result<Vec<u8>, KeyError> {
+    let mut out = Vec::with_capacity(inner.len());
+    let mut bytes = inner.iter();
+    while let Some(&b) = bytes.next() {
+        match b {
+            b'\\' => match bytes.next() {
+                Some(&escaped @ (b'"' | b'\\')) => out.push(escaped),
+                _ => return Err(KeyError::InvalidCharacter),
+            },
+            b'"' => return Err(KeyError::InvalidCharacter),
+            0x20..=0x7e => out.push(b),
+            _ => return Err(KeyError::InvalidCharacter),
+        }
+    }
+    Ok(out)
+}
+
+impl fmt::Debug for IdempotencyKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("IdempotencyKey(..)")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    #[test]
+    fn accepts_plain_and_structured_field_keys() {
+        assert_eq!(IdempotencyKey::parse(b"abc-123").unwrap().as_str(), "abc-123");
+        assert_eq!(IdempotencyKey::parse(b"\"abc\"").unwrap().as_str(), "abc");
+        assert_eq!(IdempotencyKey::parse(br#""a\"b\\c""#).unwrap().as_str(), r#"a"b\c"#);
+        let longest = "k".repeat(255);
+        assert!(IdempotencyKey::parse(longest.as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn rejects_bad_keys() {
+        assert_eq!(IdempotencyKey::parse(b""), Err(KeyError::Empty));
+        assert_eq!(IdempotencyKey::parse(b"\"\""), Err(KeyError::Empty));
+        let too_long = "k".repeat(256);
+        assert_eq!(
+            IdempotencyKey::parse(too_long.as_bytes()),
+            Err(KeyError::TooLong)
+        );
+        for bad in [
+            &b"a b"[..],
+            b"caf\xc3\xa9",
+            b"\"abc",
+            b"\"",
+            b"\"a\"b\"",
+            b"\"a\\x\"",
+            b"\"a b\"",
+            b"tab\there",
+        ] {
+            assert_eq!(
+                IdempotencyKey::parse(bad),
+                Err(KeyError::InvalidCharacter),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn header_must_appear_once() {
+        let name = HeaderName::from_static("x-idempotency-key");
+        let mut headers = HeaderMap::new();
+        assert_eq!(IdempotencyKey::from_headers(&headers, &name), Ok(None));
+        headers.append(&name, HeaderValue::from_static("a"));
+        assert!(IdempotencyKey::from_headers(&headers, &name).unwrap().is_some());
+        headers.append(&name, HeaderValue::from_static("a"));
+        assert_eq!(
+            IdempotencyKey::from_headers(&headers, &name),
+            Err(KeyError::Repeated)
+        );
+    }
+}

@@ -1,0 +1,349 @@
+//! [`IdempotencyLayer`]: the builder and its configuration.
+
+use std::{collections::HashSet, fmt, sync::Arc, time::Duration};
+
+use axum::extract::MatchedPath;
+use http::{HeaderName, Method, Request, StatusCode};
+use tower::Layer;
+
+use crate::{
+    scope::{AuthorizationScope, ScopeExtractor},
+    service::Idempotency,
+    store::{IdempotencyStore, MemoryStore},
+};
+
+/// The default key header, `X-Idempotency-Key`.
+pub const DEFAULT_HEADER: HeaderName = HeaderName::from_static("x-idempotency-key");
+
+/// What a key that comes again with a *different* request (another body or query) means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KeyReuse {
+    /// The default, as the reference API documents: a different request is a new request with
+    /// its own record (the fingerprint is part of the record key). The same key with the same
+    /// body still replays.
+    #[default]
+    NewRequest,
+    /// Strict, as the IETF draft (section 2.7) and Stripe do: the key is bound to the first
+    /// request's fingerprint; a different request under a completed or in-flight key gets 422
+    /// and nothing runs.
+    Reject,
+}
+
+/// What a duplicate that arrives while the first request is still running gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InFlight {
+    /// The default: 409 Conflict with `Retry-After: 1` at once (IETF draft section 2.7).
+    Conflict,
+    /// Wait up to `timeout` for the first request to finish and answer with its replay (same
+    /// status, headers and body). The in-memory store wakes waiters by notification; other
+    /// stores are polled with backoff (20 ms doubling to 500 ms). If the first request fails
+    /// without storing (5xx, panic), one waiter takes the lease and runs; the others go on
+    /// waiting for that run. Past `timeout`: 409 with `Retry-After`.
+    Wait {
+        /// How long a duplicate waits at most.
+        timeout: Duration,
+    },
+}
+
+/// What to do when the store fails or does not answer within the
+/// [store timeout](IdempotencyLayer::store_timeout).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StoreFailure {
+    /// The default: answer 503 problem+json with `Retry-After: 1`; the handler does not run.
+    #[default]
+    FailClosed,
+    /// Run the handler without protection, log a warning, and mark the response with
+    /// `Idempotency-Unprotected: true`.
+    ///
+    /// # Warning
+    /// During a store outage, a retry then runs the handler again: only for endpoints where a
+    /// duplicate is cheaper than an outage.
+    FailOpen,
+}
+
+/// What to do with a request that has a key but no [scope](crate::scope).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MissingScope {
+    /// The default: 401 problem+json; the handler does not run.
+    #[default]
+    Reject,
+    /// Pass the request to the handler without idempotency protection (for endpoints where
+    /// authentication happens later and rejects it anyway).
+    PassThrough,
+}
+
+/// Decides whether a response is stored (and replayed to retries) from its status.
+pub type StatusPolicy = Arc<dyn Fn(StatusCode) -> bool + Send + Sync>;
+
+/// The default status policy: store every status except 5xx, 408 Request Timeout and 429 Too
+/// Many Requests, whose retries should run again.
+pub fn default_status_policy(status: StatusCode) -> bool {
+    !(status.is_server_error()
+        || status == StatusCode::REQUEST_TIMEOUT
+        || status == StatusCode::TOO_MANY_REQUESTS)
+}
+
+/// A [`Layer`] that makes covered requests idempotent. See the [crate docs](crate) for the
+/// flow and an example.
+///
+/// Every setting has a default, so `IdempotencyLayer::new()` alone protects every POST that
+/// reaches it (use it with `route_layer`), keyed by `X-Idempotency-Key`, scoped by the hashed
+/// `Authorization` header, in a [`MemoryStore`]. Setters take and return the layer by value.
+#[derive(Clone)]
+pub struct IdempotencyLayer {
+    pub(crate) config: Arc<Config>,
+}
+
+#[derive(Clone)]
+pub(crate) struct Config {
+    pub(crate) store: Arc<dyn IdempotencyStore>,
+    pub(crate) routes: Option<Routes>,
+    pub(crate) header: HeaderName,
+    pub(crate) require_key: bool,
+    pub(crate) scope: Arc<dyn ScopeExtractor>,
+    pub(crate) missing_scope: MissingScope,
+    pub(crate) key_reuse: KeyReuse,
+    pub(crate) in_flight: InFlight,
+    pub(crate) lease: Duration,
+    pub(crate) ttl: Duration,
+    pub(crate) max_request_body: usize,
+    pub(crate) max_response_body: usize,
+    pub(crate) store_timeout: Duration,
+    pub(crate) store_failure: StoreFailure,
+    pub(crate) run_to_completion: bool,
+    pub(crate) status_policy: StatusPolicy,
+}
+
+/// The allow-list: per method, the route templates and a matcher for concrete paths.
+#[derive(Clone, Default)]
+pub(crate) struct Routes {
+    entries: Vec<(Method, HashSet<String>, matchit::Router<()>)>,
+}
+
+impl Routes {
+    fn add(&mut self, method: Method, path: &str) {
+        let index = match self.entries.iter().position(|(m, ..)| *m == method) {
+            Some(index) => index,
+            None => {
+                self.entries
+                    .push((method, HashSet::new(), matchit::Router::new()));
+                self.entries.len() - 1
+            }
+        };
+        let (_, templates, router) = &mut self.entries[index];
+        if templates.insert(path.to_owned()) {
+            if let Err(error) = router.insert(path, ()) {
+                panic!("invalid idempotent route `{path}`: {error}");
+            }
+        }
+    }
+
+    fn matches(&self, method: &Method, matched: Option<&MatchedPath>, path: &str) -> bool {
+        self.entries.iter().any(|(m, templates, router)| {
+            m == method
+                && (matched.is_some_and(|matched| templates.contains(matched.as_str()))
+                    || router.at(path).is_ok())
+        })
+    }
+}
+
+impl Config {
+    /// Whether a request is covered at all (the cheap, body-free first check).
+    pub(crate) fn covers<B>(&self, req: &Request<B>) -> bool {
+        match &self.routes {
+            None => req.method() == Method::POST,
+            Some(routes) => routes.matches(
+                req.method(),
+                req.extensions().get::<MatchedPath>(),
+                req.uri().path(),
+            ),
+        }
+    }
+}
+
+impl Default for IdempotencyLayer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for IdempotencyLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let c = &self.config;
+        f.debug_struct("IdempotencyLayer")
+            .field("header", &c.header)
+            .field("require_key", &c.require_key)
+            .field("key_reuse", &c.key_reuse)
+            .field("in_flight", &c.in_flight)
+            .field("lease", &c.lease)
+            .field("ttl", &c.ttl)
+            .field("max_request_body", &c.max_request_body)
+            .field("max_response_body", &c.max_response_body)
+            .field("store_timeout", &c.store_timeout)
+            .field("store_failure", &c.store_failure)
+            .field("run_to_completion", &c.run_to_completion)
+            .finish_non_exhaustive()
+    }
+}
+
+impl IdempotencyLayer {
+    /// A layer with every default (see each setter) and a fresh [`MemoryStore`].
+    pub fn new() -> Self {
+        Self {
+            config: Arc::new(Config {
+                store: Arc::new(MemoryStore::new()),
+                routes: None,
+                header: DEFAULT_HEADER,
+                require_key: false,
+                scope: Arc::new(AuthorizationScope),
+                missing_scope: MissingScope::Reject,
+                key_reuse: KeyReuse::NewRequest,
+                in_flight: InFlight::Conflict,
+                lease: Duration::from_secs(60),
+                ttl: Duration::from_secs(24 * 60 * 60),
+                max_request_body: 2 * 1024 * 1024,
+                max_response_body: 4 * 1024 * 1024,
+                store_timeout: Duration::from_secs(2),
+                store_failure: StoreFailure::FailClosed,
+                run_to_completion: true,
+                status_policy: Arc::new(default_status_policy),
+            }),
+        }
+    }
+
+    fn with(mut self, change: impl FnOnce(&mut Config)) -> Self {
+        change(Arc::make_mut(&mut self.config));
+        self
+    }
+
+    /// Where records are kept. Default: a [`MemoryStore`] private to this layer (and the
+    /// services it makes). Pass a clone of a store to share it, or a `RedisStore` /
+    /// `PostgresStore` when several instances serve the same clients.
+    pub fn store(self, store: impl IdempotencyStore) -> Self {
+        self.store_arc(Arc::new(store))
+    }
+
+    /// Like [`store`](Self::store), for a store already behind an `Arc` (a `dyn` store chosen
+    /// at run time, say).
+    pub fn store_arc(self, store: Arc<dyn IdempotencyStore>) -> Self {
+        self.with(|c| c.store = store)
+    }
+
+    /// Adds `method` + `path` to the allow-list. `path` is a literal path or an axum route
+    /// template (`/orgs/{org_id}/calls`, `/files/{*rest}`), matched against the request's
+    /// `MatchedPath` when the layer runs inside a `Router`, else against the URI path.
+    ///
+    /// Default: no allow-list, and every POST that reaches the layer is covered (right for
+    /// `route_layer` on the routes that create things). Once any route is added, only listed
+    /// routes are covered; every other request passes through untouched, its body unread.
+    ///
+    /// # Panics
+    /// On a template that axum's router syntax rejects (`/a/{`, say), when the layer is built.
+    pub fn route(self, method: Method, path: &str) -> Self {
+        self.with(|c| c.routes.get_or_insert_with(Routes::default).add(method, path))
+    }
+
+    /// Shorthand for [`route`](Self::route)`(Method::POST, path)`.
+    pub fn post(self, path: &str) -> Self {
+        self.route(Method::POST, path)
+    }
+
+    /// The header that carries the key. Default: `X-Idempotency-Key`; set
+    /// `HeaderName::from_static("idempotency-key")` for the IETF draft's `Idempotency-Key`.
+    pub fn header_name(self, name: HeaderName) -> Self {
+        self.with(|c| c.header = name)
+    }
+
+    /// Whether a covered request must carry a key. Default: `false` (no key: the request passes
+    /// through unprotected, as the reference API documents). When `true`, a covered request
+    /// without the header gets 400 (IETF draft section 2.7).
+    pub fn require_key(self, required: bool) -> Self {
+        self.with(|c| c.require_key = required)
+    }
+
+    /// How the caller's scope is found. Default: [`AuthorizationScope`] (the `Authorization`
+    /// header, hashed with SHA-256). See [`crate::scope`] for the others.
+    pub fn scope(self, extractor: impl ScopeExtractor) -> Self {
+        self.with(|c| c.scope = Arc::new(extractor))
+    }
+
+    /// What happens to a keyed request without a scope. Default: [`MissingScope::Reject`] (401).
+    pub fn missing_scope(self, policy: MissingScope) -> Self {
+        self.with(|c| c.missing_scope = policy)
+    }
+
+    /// What a key reused with a different request means. Default: [`KeyReuse::NewRequest`].
+    pub fn key_reuse(self, mode: KeyReuse) -> Self {
+        self.with(|c| c.key_reuse = mode)
+    }
+
+    /// What a duplicate of a running request gets. Default: [`InFlight::Conflict`] (409).
+    pub fn in_flight(self, mode: InFlight) -> Self {
+        self.with(|c| c.in_flight = mode)
+    }
+
+    /// How long an in-flight claim lasts without renewal. Default: 60 s. The owner renews it
+    /// every third of this while its handler runs, so it runs out only when the owner is gone
+    /// (process killed); then the next request with the key takes it over and runs.
+    pub fn lease(self, lease: Duration) -> Self {
+        self.with(|c| c.lease = lease.max(Duration::from_millis(1)))
+    }
+
+    /// How long a completed response is replayed, measured from completion. Default: 24 h
+    /// (IETF draft section 2.5 leaves it to the resource; Stripe keeps keys 24 h). A replay does
+    /// not extend it. Expired records are never replayed.
+    pub fn ttl(self, ttl: Duration) -> Self {
+        self.with(|c| c.ttl = ttl)
+    }
+
+    /// The largest request body buffered, in bytes. Default: 2 MiB (2,097,152). A larger body
+    /// gets 413 without more than this many bytes read (a `Content-Length` over it is rejected
+    /// before reading anything).
+    pub fn max_request_body(self, bytes: usize) -> Self {
+        self.with(|c| c.max_request_body = bytes)
+    }
+
+    /// The largest response body stored, in bytes. Default: 4 MiB (4,194,304). A larger
+    /// response is sent to the client as it streams, not stored, and its lease released (a
+    /// retry runs again), with a warning in the trace.
+    pub fn max_response_body(self, bytes: usize) -> Self {
+        self.with(|c| c.max_response_body = bytes)
+    }
+
+    /// The longest any one store call may take. Default: 2 s. Past it the call counts as a
+    /// store failure (see [`on_store_error`](Self::on_store_error)).
+    pub fn store_timeout(self, timeout: Duration) -> Self {
+        self.with(|c| c.store_timeout = timeout)
+    }
+
+    /// What a store failure means for the request. Default: [`StoreFailure::FailClosed`] (503).
+    pub fn on_store_error(self, policy: StoreFailure) -> Self {
+        self.with(|c| c.store_failure = policy)
+    }
+
+    /// Whether a covered handler runs to completion, and its response is stored, even when the
+    /// client disconnects. Default: `true`: the handler runs on its own tokio task once the
+    /// lease is taken, so a client that timed out and retries gets the stored response instead
+    /// of a second run. `false`: dropping the response future cancels the handler and releases
+    /// the lease.
+    pub fn run_to_completion(self, enabled: bool) -> Self {
+        self.with(|c| c.run_to_completion = enabled)
+    }
+
+    /// Which responses are stored, by status. Default: [`default_status_policy`] (all but 5xx,
+    /// 408 and 429). A response not stored releases the lease, so a retry runs again.
+    pub fn store_status(self, policy: impl Fn(StatusCode) -> bool + Send + Sync + 'static) -> Self {
+        self.with(|c| c.status_policy = Arc::new(policy))
+    }
+}
+
+impl<S> Layer<S> for IdempotencyLayer {
+    type Service = Idempotency<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Idempotency {
+            inner,
+            config: self.config.clone(),
+        }
+    }
+}

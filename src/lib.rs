@@ -1,0 +1,70 @@
+//! Idempotency keys for axum and tower: a retried POST runs once, and every retry gets the
+//! stored response.
+//!
+//! A client sends `X-Idempotency-Key: <key>` on a request that creates something. The first
+//! request with the key runs; its status, headers and body are stored; a retry with the same
+//! key, endpoint, caller and body gets the same response back, marked
+//! `Idempotent-Replayed: true`, without the handler running again. A duplicate that arrives
+//! while the first is still running gets 409 (or waits for it, see [`InFlight::Wait`]).
+//! This follows the IETF draft "The Idempotency-Key HTTP Header Field" and Stripe's
+//! idempotent requests.
+//!
+//! ```
+//! use axum::{Router, routing::post};
+//! use tower_idempotency::IdempotencyLayer;
+//!
+//! let app: Router = Router::new()
+//!     .route("/calls", post(|| async { (http::StatusCode::CREATED, "created") }))
+//!     .layer(IdempotencyLayer::new().post("/calls"));
+//! # let _ = app;
+//! ```
+//!
+//! # How a covered request flows
+//!
+//! 1. **Select.** Not an allow-listed method and path ([`IdempotencyLayer::route`]), or no key
+//!    header: the request passes through untouched, its body unread.
+//! 2. **Validate** the key ([`IdempotencyKey`]): one header field, 1 to 255 visible ASCII
+//!    characters, optionally a structured-field string. Otherwise 400.
+//! 3. **Scope** ([`scope`]): whose key it is. Default: the hashed `Authorization` header. None:
+//!    401.
+//! 4. **Buffer** the body up to [`max_request_body`](IdempotencyLayer::max_request_body)
+//!    (413 past it).
+//! 5. **Fingerprint** ([`fingerprint`]): SHA-256 over scope, method, path, key, query and
+//!    (canonical JSON) body.
+//! 6. **Begin**: one atomic store call. Absent: take a lease and run. In flight: 409 or wait.
+//!    Completed: replay. Completed with another request in strict mode: 422.
+//! 7. **Run** the inner service on its own task (so it finishes even if the client goes away),
+//!    renewing the lease while it runs; a panic or error releases the lease.
+//! 8. **Capture** status, end-to-end headers and body (up to
+//!    [`max_response_body`](IdempotencyLayer::max_response_body)), store them if the status
+//!    policy says so, and send the response.
+//!
+//! Rejections are `application/problem+json` responses ([`problem`]), never service errors:
+//! the service's error type is the inner service's.
+//!
+//! # Stores
+//!
+//! [`MemoryStore`] (default) for one instance; `RedisStore` (feature `redis`) and
+//! `PostgresStore` (feature `postgres`) when several instances share clients. The contract is
+//! [`IdempotencyStore`].
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+pub mod fingerprint;
+mod key;
+mod layer;
+pub mod problem;
+mod response;
+pub mod scope;
+mod service;
+pub mod store;
+
+pub use async_trait::async_trait;
+pub use key::{IdempotencyKey, KeyError, MAX_KEY_LEN};
+pub use layer::{
+    DEFAULT_HEADER, IdempotencyLayer, InFlight, KeyReuse, MissingScope, StatusPolicy,
+    StoreFailure, default_status_policy,
+};
+pub use response::{REPLAYED_HEADER, StoredResponse};
+pub use scope::{AuthorizationScope, ExtensionScope, Scope, ScopeExtractor, scope_fn};
+pub use service::{Idempotency, ResponseFuture, UNPROTECTED_HEADER};
+pub use store::{IdempotencyStore, MemoryStore};

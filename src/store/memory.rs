@@ -1,0 +1,490 @@
+//! [`MemoryStore`]: records in a sharded concurrent map, with TTL, bounds and sweeping.
+
+use std::{
+    cmp::Reverse,
+    collections::BinaryHeap,
+    fmt,
+    sync::{
+        Arc, Mutex, Weak,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use dashmap::{DashMap, mapref::entry::Entry};
+use tokio::{sync::Notify, time::Instant};
+
+use super::{
+    Begin, Fingerprint, IdempotencyStore, LeaseToken, StoreError, StoreErrorKind, StoreKey,
+    StoredResponse,
+};
+
+/// Shards of the expiry index; a record's shard is chosen by the first byte of its key.
+const EXPIRY_SHARDS: usize = 16;
+
+/// An in-process store: the default, for a service that runs as one instance.
+///
+/// Records live in a [`DashMap`] (sharded locks, never held across an `.await`, so requests
+/// with different keys never wait on each other). Each lease or completed response has a
+/// deadline on tokio's clock ([`tokio::time::Instant`], so tests can pause and advance time);
+/// a record past its deadline is never returned, whether or not it has been swept.
+///
+/// **Sweeping.** Every deadline is also put in an expiry index (a min-heap, sharded 16 ways).
+/// A background task, spawned when the store is built inside a tokio runtime, wakes every
+/// [`sweep_interval`](MemoryStoreBuilder::sweep_interval) (default 1 s) and removes the
+/// records whose deadline has passed, in batches of
+/// [`sweep_batch`](MemoryStoreBuilder::sweep_batch) (default 1,024) with a yield to the
+/// scheduler between batches, so reclaiming a million records never holds a lock for long and
+/// never reads the unexpired ones. The task stops when the last clone of the store is dropped.
+/// [`sweep`](MemoryStore::sweep) runs one pass by hand.
+///
+/// **Bounds.** [`max_records`](MemoryStoreBuilder::max_records) and
+/// [`max_bytes`](MemoryStoreBuilder::max_bytes) (default: unbounded). When either is reached,
+/// `begin` for a new key fails with [`StoreErrorKind::Full`] (the layer answers 503 with
+/// `Retry-After`) until expired records are reclaimed; an in-flight or unexpired record is never
+/// evicted. The byte bound counts stored response bytes (see [`StoredResponse::weight`]) and is
+/// checked when a record begins, so completions already running may pass it by at most their
+/// own responses.
+///
+/// **Memory.** Measured on x86_64 (see `benches/memory.rs`): about 330 bytes per completed
+/// record with a 100-byte body and two short headers, plus the body and headers themselves
+/// beyond that; an in-flight record about 200 bytes.
+///
+/// Cloning is cheap and clones share the records.
+#[derive(Clone)]
+pub struct MemoryStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    map: DashMap<StoreKey, Record>,
+    expiry: Vec<ExpiryShard>,
+    records: AtomicUsize,
+    bytes: AtomicUsize,
+    max_records: usize,
+    max_bytes: usize,
+    sweep_batch: usize,
+}
+
+/// A min-heap of (deadline, key); entries whose record has since moved on are skipped.
+type ExpiryShard = Mutex<BinaryHeap<Reverse<(Instant, StoreKey)>>>;
+
+struct Record {
+    fingerprint: Fingerprint,
+    state: State,
+}
+
+enum State {
+    InFlight {
+        token: LeaseToken,
+        expires_at: Instant,
+        /// Created by the first waiter only.
+        notify: Option<Arc<Notify>>,
+    },
+    Completed {
+        response: StoredResponse,
+        weight: usize,
+        expires_at: Instant,
+    },
+}
+
+impl State {
+    fn expires_at(&self) -> Instant {
+        match self {
+            State::InFlight { expires_at, .. } | State::Completed { expires_at, .. } => *expires_at,
+        }
+    }
+
+    fn weight(&self) -> usize {
+        match self {
+            State::InFlight { .. } => 0,
+            State::Completed { weight, .. } => *weight,
+        }
+    }
+
+    /// Wakes everybody waiting on this record (it is about to change).
+    fn wake(&self) {
+        if let State::InFlight {
+            notify: Some(notify),
+            ..
+        } = self
+        {
+            notify.notify_waiters();
+        }
+    }
+}
+
+/// Builder for [`MemoryStore`].
+#[derive(Debug, Clone)]
+pub struct MemoryStoreBuilder {
+    max_records: usize,
+    max_bytes: usize,
+    sweep_interval: Duration,
+    sweep_batch: usize,
+}
+
+impl Default for MemoryStoreBuilder {
+    fn default() -> Self {
+        Self {
+            max_records: usize::MAX,
+            max_bytes: usize::MAX,
+            sweep_interval: Duration::from_secs(1),
+            sweep_batch: 1024,
+        }
+    }
+}
+
+impl MemoryStoreBuilder {
+    /// The most records (in flight and completed) the store holds. Default: unbounded.
+    /// A new key past it fails with [`StoreErrorKind::Full`].
+    pub fn max_records(mut self, max: usize) -> Self {
+        self.max_records = max;
+        self
+    }
+
+    /// The most stored response bytes (bodies plus headers, see [`StoredResponse::weight`]).
+    /// Default: unbounded. A new key past it fails with [`StoreErrorKind::Full`].
+    pub fn max_bytes(mut self, max: usize) -> Self {
+        self.max_bytes = max;
+        self
+    }
+
+    /// How often the background sweeper looks for expired records. Default: 1 s.
+    pub fn sweep_interval(mut self, interval: Duration) -> Self {
+        self.sweep_interval = interval;
+        self
+    }
+
+    /// How many expired records the sweeper removes before yielding to the scheduler.
+    /// Default: 1,024; at least 1.
+    pub fn sweep_batch(mut self, batch: usize) -> Self {
+        self.sweep_batch = batch.max(1);
+        self
+    }
+
+    /// Builds the store and, inside a tokio runtime, spawns its sweeper. Outside a runtime no
+    /// sweeper runs; expired records are then still never returned, and
+    /// [`MemoryStore::sweep`] reclaims them.
+    pub fn build(self) -> MemoryStore {
+        let inner = Arc::new(Inner {
+            map: DashMap::new(),
+            expiry: (0..EXPIRY_SHARDS)
+                .map(|_| Mutex::new(BinaryHeap::new()))
+                .collect(),
+            records: AtomicUsize::new(0),
+            bytes: AtomicUsize::new(0),
+            max_records: self.max_records,
+            max_bytes: self.max_bytes,
+            sweep_batch: self.sweep_batch,
+        });
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(sweeper(Arc::downgrade(&inner), self.sweep_interval));
+        }
+        MemoryStore { inner }
+    }
+}
+
+async fn sweeper(inner: Weak<Inner>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(inner) = inner.upgrade() else { return };
+        while inner.sweep_batch(Instant::now()) == inner.sweep_batch {
+            // A full batch: there may be more. Let requests run in between.
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryStore")
+            .field("records", &self.len())
+            .field("bytes", &self.inner.bytes.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+impl MemoryStore {
+    /// An unbounded store with the default sweeper (every 1 s). See [`MemoryStore::builder`].
+    pub fn new() -> Self {
+        Self::builder().build()
+    }
+
+    /// A builder for bounds and sweeping.
+    pub fn builder() -> MemoryStoreBuilder {
+        MemoryStoreBuilder::default()
+    }
+
+    /// The number of records held (in flight and completed, including expired ones not yet
+    /// swept). O(1).
+    pub fn len(&self) -> usize {
+        self.inner.records.load(Ordering::Relaxed)
+    }
+
+    /// Whether the store holds no record.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Stored response bytes currently held (see [`StoredResponse::weight`]).
+    pub fn bytes(&self) -> usize {
+        self.inner.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Removes every record whose deadline has passed, now, and returns how many it removed.
+    /// Touches only expired records (through the expiry index), never the live ones.
+    pub fn sweep(&self) -> usize {
+        let now = Instant::now();
+        let mut removed = 0;
+        loop {
+            let n = self.inner.sweep_batch(now);
+            removed += n;
+            if n < self.inner.sweep_batch {
+                return removed;
+            }
+        }
+    }
+}
+
+impl Inner {
+    fn schedule(&self, key: StoreKey, deadline: Instant) {
+        let shard = &self.expiry[key.0[0] as usize % EXPIRY_SHARDS];
+        shard
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .push(Reverse((deadline, key)));
+    }
+
+    /// Removes up to `sweep_batch` records whose deadline is at or before `now`; returns how
+    /// many index entries it consumed (stale entries, whose record moved on, count too, so a
+    /// full batch means "look again").
+    fn sweep_batch(&self, now: Instant) -> usize {
+        let mut due = Vec::new();
+        for shard in &self.expiry {
+            let mut heap = shard.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            while due.len() < self.sweep_batch {
+                match heap.peek() {
+                    Some(Reverse((deadline, _))) if *deadline <= now => {
+                        let Reverse((_, key)) = heap.pop().expect("peeked");
+                        due.push(key);
+                    }
+                    _ => break,
+                }
+            }
+        }
+        let consumed = due.len();
+        for key in due {
+            let removed = self
+                .map
+                .remove_if(&key, |_, record| record.state.expires_at() <= now);
+            if let Some((_, record)) = removed {
+                record.state.wake();
+                self.forget(&record.state);
+            }
+        }
+        consumed
+    }
+
+    fn forget(&self, state: &State) {
+        self.records.fetch_sub(1, Ordering::Relaxed);
+        self.bytes.fetch_sub(state.weight(), Ordering::Relaxed);
+    }
+
+    fn has_room(&self) -> bool {
+        self.records.load(Ordering::Relaxed) < self.max_records
+            && self.bytes.load(Ordering::Relaxed) < self.max_bytes
+    }
+
+    fn begin(
+        &self,
+        key: &StoreKey,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+    ) -> Result<Begin, StoreError> {
+        let now = Instant::now();
+        let expires_at = now + lease;
+        let token = LeaseToken::random();
+        let fresh = State::InFlight {
+            token,
+            expires_at,
+            notify: None,
+        };
+        match self.map.entry(*key) {
+            Entry::Occupied(mut occupied) => {
+                let record = occupied.get_mut();
+                match &record.state {
+                    State::InFlight { expires_at, .. } if *expires_at > now => {
+                        return Ok(Begin::InFlight {
+                            fingerprint: record.fingerprint,
+                            lease_remaining: *expires_at - now,
+                        });
+                    }
+                    State::Completed {
+                        response,
+                        expires_at,
+                        ..
+                    } if *expires_at > now => {
+                        return Ok(Begin::Completed {
+                            fingerprint: record.fingerprint,
+                            response: response.clone(),
+                        });
+                    }
+                    _ => {
+                        // Expired lease or response: take it over.
+                        let old = std::mem::replace(&mut record.state, fresh);
+                        record.fingerprint = *fingerprint;
+                        old.wake();
+                        self.bytes.fetch_sub(old.weight(), Ordering::Relaxed);
+                    }
+                }
+            }
+            Entry::Vacant(vacant) => {
+                if !self.has_room() {
+                    return Err(StoreError::new(
+                        StoreErrorKind::Full,
+                        "in-memory store is at its record or byte bound",
+                    ));
+                }
+                self.records.fetch_add(1, Ordering::Relaxed);
+                vacant.insert(Record {
+                    fingerprint: *fingerprint,
+                    state: fresh,
+                });
+            }
+        }
+        self.schedule(*key, expires_at);
+        Ok(Begin::Acquired(token))
+    }
+
+    /// Runs `change` on the record for `key` if `token` owns its lease. `change` returns the new
+    /// state (`None` removes the record). A lease past its expiry that nobody has taken over
+    /// still belongs to its token: finishing late is better than running twice.
+    fn with_owned_lease(
+        &self,
+        key: &StoreKey,
+        token: LeaseToken,
+        change: impl FnOnce() -> Option<State>,
+    ) -> bool {
+        let Entry::Occupied(mut occupied) = self.map.entry(*key) else {
+            return false;
+        };
+        match &occupied.get().state {
+            State::InFlight { token: owner, .. } if *owner == token => {}
+            _ => return false,
+        }
+        let deadline = match change() {
+            Some(state) => {
+                let deadline = state.expires_at();
+                self.bytes.fetch_add(state.weight(), Ordering::Relaxed);
+                let old = std::mem::replace(&mut occupied.get_mut().state, state);
+                // Keep the waiters' notifier if the record stays in flight (renewal).
+                if let (
+                    State::InFlight {
+                        notify: Some(old_notify),
+                        ..
+                    },
+                    State::InFlight { notify, .. },
+                ) = (&old, &mut occupied.get_mut().state)
+                {
+                    *notify = Some(old_notify.clone());
+                } else {
+                    old.wake();
+                }
+                Some(deadline)
+            }
+            None => {
+                let (_, record) = occupied.remove_entry();
+                record.state.wake();
+                self.forget(&record.state);
+                None
+            }
+        };
+        if let Some(deadline) = deadline {
+            self.schedule(*key, deadline);
+        }
+        true
+    }
+}
+
+#[async_trait]
+impl IdempotencyStore for MemoryStore {
+    async fn begin(
+        &self,
+        key: &StoreKey,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+    ) -> Result<Begin, StoreError> {
+        let outcome = self.inner.begin(key, fingerprint, lease);
+        if matches!(&outcome, Err(e) if e.kind() == StoreErrorKind::Full)
+            && self.inner.sweep_batch(Instant::now()) > 0
+        {
+            // Expired records were waiting for the sweeper; room may have freed.
+            return self.inner.begin(key, fingerprint, lease);
+        }
+        outcome
+    }
+
+    async fn renew(
+        &self,
+        key: &StoreKey,
+        token: LeaseToken,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        Ok(self.inner.with_owned_lease(key, token, || {
+            Some(State::InFlight {
+                token,
+                expires_at: Instant::now() + lease,
+                notify: None,
+            })
+        }))
+    }
+
+    async fn complete(
+        &self,
+        key: &StoreKey,
+        token: LeaseToken,
+        response: &StoredResponse,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        Ok(self.inner.with_owned_lease(key, token, || {
+            Some(State::Completed {
+                weight: response.weight(),
+                response: response.clone(),
+                expires_at: Instant::now() + ttl,
+            })
+        }))
+    }
+
+    async fn release(&self, key: &StoreKey, token: LeaseToken) -> Result<bool, StoreError> {
+        Ok(self.inner.with_owned_lease(key, token, || None))
+    }
+
+    async fn wait(&self, key: &StoreKey, timeout: Duration) -> Result<(), StoreError> {
+        let notified = {
+            let Some(mut record) = self.inner.map.get_mut(key) else {
+                return Ok(());
+            };
+            match &mut record.state {
+                State::InFlight {
+                    notify, expires_at, ..
+                } if *expires_at > Instant::now() => {
+                    // Created under the shard lock, so a completion after this point wakes it
+                    // even before it is first polled (tokio's `Notify` guarantee).
+                    notify.get_or_insert_with(Default::default).clone().notified_owned()
+                }
+                _ => return Ok(()),
+            }
+        };
+        let _ = tokio::time::timeout(timeout, notified).await;
+        Ok(())
+    }
+}
