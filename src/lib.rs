@@ -68,3 +68,8 @@ pub use response::{REPLAYED_HEADER, StoredResponse};
 pub use scope::{AuthorizationScope, ExtensionScope, Scope, ScopeExtractor, scope_fn};
 pub use service::{Idempotency, ResponseFuture, UNPROTECTED_HEADER};
 pub use store::{IdempotencyStore, MemoryStore};
+
+/// The README's examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
