@@ -6,7 +6,7 @@ use std::{
     fmt,
     sync::{
         Arc, Mutex, Weak,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -65,6 +65,8 @@ struct Inner {
     max_records: usize,
     max_bytes: usize,
     sweep_batch: usize,
+    sweep_interval: Duration,
+    sweeper_started: AtomicBool,
 }
 
 /// A min-heap of (deadline, key); entries whose record has since moved on are skipped.
@@ -163,9 +165,8 @@ impl MemoryStoreBuilder {
         self
     }
 
-    /// Builds the store and, inside a tokio runtime, spawns its sweeper. Outside a runtime no
-    /// sweeper runs; expired records are then still never returned, and
-    /// [`MemoryStore::sweep`] reclaims them.
+    /// Builds the store and, inside a tokio runtime, spawns its sweeper. Built outside a
+    /// runtime, the sweeper starts with the first `begin` call (which always runs inside one).
     pub fn build(self) -> MemoryStore {
         let inner = Arc::new(Inner {
             map: DashMap::new(),
@@ -177,11 +178,12 @@ impl MemoryStoreBuilder {
             max_records: self.max_records,
             max_bytes: self.max_bytes,
             sweep_batch: self.sweep_batch,
+            sweep_interval: self.sweep_interval,
+            sweeper_started: AtomicBool::new(false),
         });
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            handle.spawn(sweeper(Arc::downgrade(&inner), self.sweep_interval));
-        }
-        MemoryStore { inner }
+        let store = MemoryStore { inner };
+        store.ensure_sweeper();
+        store
     }
 }
 
@@ -238,6 +240,22 @@ impl MemoryStore {
     /// Stored response bytes currently held (see [`StoredResponse::weight`]).
     pub fn bytes(&self) -> usize {
         self.inner.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Spawns the background sweeper once, if a tokio runtime is running here.
+    fn ensure_sweeper(&self) {
+        if self.inner.sweeper_started.load(Ordering::Relaxed) {
+            return;
+        }
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if !self.inner.sweeper_started.swap(true, Ordering::AcqRel) {
+            handle.spawn(sweeper(
+                Arc::downgrade(&self.inner),
+                self.inner.sweep_interval,
+            ));
+        }
     }
 
     /// Removes every record whose deadline has passed, now, and returns how many it removed.
@@ -423,6 +441,7 @@ impl IdempotencyStore for MemoryStore {
         fingerprint: &Fingerprint,
         lease: Duration,
     ) -> Result<Begin, StoreError> {
+        self.ensure_sweeper();
         let outcome = self.inner.begin(key, fingerprint, lease);
         if matches!(&outcome, Err(e) if e.kind() == StoreErrorKind::Full)
             && self.inner.sweep_batch(Instant::now()) > 0
