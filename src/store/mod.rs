@@ -41,7 +41,7 @@ pub use self::redis::RedisStore;
 mod postgres;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
-pub use self::postgres::PostgresStore;
+pub use self::postgres::{PostgresStore, TableNameError};
 
 /// A boxed error, the `source` of a [`StoreError`].
 pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;

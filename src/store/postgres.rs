@@ -1,0 +1,560 @@
+//! [`PostgresStore`]: records in one PostgreSQL table, through an `sqlx` pool.
+
+use std::{fmt, sync::Arc, time::Duration};
+
+use async_trait::async_trait;
+use sqlx::{AssertSqlSafe, PgPool, Row, postgres::PgRow};
+use tokio::task::JoinHandle;
+
+use super::{
+    Begin, Fingerprint, IdempotencyStore, LeaseToken, StoreError, StoreErrorKind, StoreKey,
+    StoredResponse,
+};
+
+/// The table name used unless [`PostgresStore::with_table_name`] says otherwise.
+const DEFAULT_TABLE: &str = "idempotency_records";
+
+/// The longest table name accepted, so that the derived index name fits PostgreSQL's 63-byte
+/// identifier limit.
+const MAX_TABLE_NAME: usize = 48;
+
+/// Durations longer than this (100 years) are clamped to it, to stay within `timestamptz`.
+const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
+
+/// How many times `begin` runs its statement when concurrent writers on the same key keep
+/// committing between its snapshot and its conflict check (see the type docs). Each rerun
+/// needs another commit on that very key, so this is never reached in practice.
+const BEGIN_ATTEMPTS: usize = 16;
+
+/// A store in a PostgreSQL table, shared by every instance of a service that uses the same
+/// database. Built on an [`sqlx`] [`PgPool`]; cloning is cheap and clones share the pool.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// use tower_idempotency::{IdempotencyLayer, store::PostgresStore};
+///
+/// let store = PostgresStore::connect("postgres://postgres@127.0.0.1:5432/app").await?;
+/// store.migrate().await?; // once at start-up; a no-op when the table exists
+/// let _cleanup = store.spawn_cleanup(std::time::Duration::from_secs(60));
+/// let layer = IdempotencyLayer::new().store(store).post("/calls");
+/// # let _ = layer;
+/// # Ok(())
+/// # }
+/// ```
+///
+/// # Schema
+///
+/// [`migrate`](Self::migrate) creates one table (default name `idempotency_records`, see
+/// [`with_table_name`](Self::with_table_name)) and one index:
+///
+/// ```sql
+/// CREATE TABLE IF NOT EXISTS "idempotency_records" (
+///     key          bytea       PRIMARY KEY,  -- StoreKey, 32 bytes
+///     fingerprint  bytea       NOT NULL,     -- Fingerprint, 32 bytes
+///     state        text        NOT NULL CHECK (state IN ('in_flight', 'completed')),
+///     token        bytea,                    -- LeaseToken, 16 bytes; NULL once completed
+///     expires_at   timestamptz NOT NULL,     -- in flight: lease expiry; completed: end of TTL
+///     response     bytea,                    -- StoredResponse::encode; NULL while in flight
+///     created_at   timestamptz NOT NULL,     -- when the current lease was taken
+///     completed_at timestamptz,              -- when the response was stored
+///     CHECK ((state = 'in_flight') = (token IS NOT NULL AND response IS NULL))
+/// );
+/// CREATE INDEX IF NOT EXISTS "idempotency_records_expires_at_idx"
+///     ON "idempotency_records" (expires_at);
+/// ```
+///
+/// Keys, fingerprints and tokens are the raw bytes of [`StoreKey`], [`Fingerprint`] and
+/// [`LeaseToken`]; responses use the compact binary [`StoredResponse::encode`] format, so binary
+/// bodies and non-UTF-8 header values are kept exactly. You may create the table yourself
+/// (with your migration tool) instead of calling `migrate`, as long as it has these columns.
+///
+/// # Round trips
+///
+/// | call | statements | round trips |
+/// |---|---|---|
+/// | [`begin`](IdempotencyStore::begin) | one `INSERT ... ON CONFLICT DO UPDATE ... WHERE` in a CTE that also reads the live row | 1 |
+/// | [`renew`](IdempotencyStore::renew) | one token-checked `UPDATE` | 1 |
+/// | [`complete`](IdempotencyStore::complete) | one token-checked `UPDATE` | 1 |
+/// | [`release`](IdempotencyStore::release) | one token-checked `DELETE` | 1 |
+/// | [`delete_expired`](Self::delete_expired) | one `DELETE` per batch | 1 per [`cleanup_batch`](Self::cleanup_batch) rows, plus 1 |
+/// | [`migrate`](Self::migrate) | a transaction: advisory lock, `CREATE TABLE`, `CREATE INDEX` | 5 |
+///
+/// `begin` is one statement; the row is locked while PostgreSQL decides, so of many concurrent
+/// `begin` calls on one key exactly one acquires the lease. Rarely, a `begin` that conflicts
+/// with a row committed *after* its statement began cannot read that row in the same
+/// statement (its snapshot predates it); it then runs the statement once more, which sees it.
+/// That costs a second round trip only under contention on that very key.
+///
+/// Waiting duplicates ([`InFlight::Wait`](crate::InFlight::Wait)) poll `begin` with the
+/// layer's backoff (the default [`wait`](IdempotencyStore::wait)).
+///
+/// # Expiry and clocks
+///
+/// Every deadline is computed and compared on the **database's** clock (`now()`, the start of
+/// the statement's transaction), never the application's, so instances with skewed clocks
+/// agree. A record whose `expires_at` has passed is never returned: `begin` takes it over as if
+/// the key were absent, whether or not it has been deleted yet. Durations above 100 years are
+/// clamped to 100 years.
+///
+/// A lease past its expiry that nobody has taken over still belongs to its token, so a slow
+/// owner can still `complete` (finishing late is better than running twice), as with
+/// [`MemoryStore`](super::MemoryStore).
+///
+/// # Cleanup
+///
+/// Expired rows stay in the table until deleted. [`delete_expired`](Self::delete_expired)
+/// deletes them (expired responses and expired leases) in batches of
+/// [`cleanup_batch`](Self::cleanup_batch) rows (default 1,000), through the `expires_at` index,
+/// skipping rows other transactions hold locked, so it never blocks requests for long.
+/// [`spawn_cleanup`](Self::spawn_cleanup) runs it periodically on a tokio task; running it on
+/// every instance is safe.
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+#[derive(Clone)]
+pub struct PostgresStore {
+    pool: PgPool,
+    sql: Arc<Statements>,
+    cleanup_batch: i64,
+}
+
+/// The SQL of every statement, built once for the table name.
+struct Statements {
+    table: String,
+    create_table: Arc<str>,
+    create_index: Arc<str>,
+    begin: Arc<str>,
+    renew: Arc<str>,
+    complete: Arc<str>,
+    release: Arc<str>,
+    delete_expired: Arc<str>,
+}
+
+impl Statements {
+    /// `table` must have passed [`validate_table_name`]: it is written into the SQL quoted,
+    /// and contains only `[a-z0-9_]`.
+    fn new(table: &str) -> Self {
+        let t = format!("\"{table}\"");
+        let index = format!("\"{table}_expires_at_idx\"");
+        let sql = |s: String| Arc::<str>::from(s);
+        Self {
+            table: table.to_owned(),
+            create_table: sql(format!(
+                "CREATE TABLE IF NOT EXISTS {t} (
+                    key          bytea       PRIMARY KEY,
+                    fingerprint  bytea       NOT NULL,
+                    state        text        NOT NULL CHECK (state IN ('in_flight', 'completed')),
+                    token        bytea,
+                    expires_at   timestamptz NOT NULL,
+                    response     bytea,
+                    created_at   timestamptz NOT NULL,
+                    completed_at timestamptz,
+                    CHECK ((state = 'in_flight') = (token IS NOT NULL AND response IS NULL))
+                )"
+            )),
+            create_index: sql(format!(
+                "CREATE INDEX IF NOT EXISTS {index} ON {t} (expires_at)"
+            )),
+            // $1 key, $2 fingerprint, $3 new token, $4 lease in microseconds.
+            //
+            // `claimed` inserts a fresh lease, or takes over a row whose deadline has passed
+            // (ON CONFLICT locks the conflicting row, waiting for a concurrent writer, and
+            // evaluates the WHERE on its latest committed version). When it neither inserts nor
+            // updates, it returns nothing and the second SELECT reports the row instead.
+            begin: sql(format!(
+                "WITH claimed AS (
+                    INSERT INTO {t} AS r
+                        (key, fingerprint, state, token, expires_at, response, created_at, completed_at)
+                    VALUES
+                        ($1, $2, 'in_flight', $3, now() + $4::int8 * interval '1 microsecond',
+                         NULL, now(), NULL)
+                    ON CONFLICT (key) DO UPDATE SET
+                        fingerprint  = excluded.fingerprint,
+                        state        = 'in_flight',
+                        token        = excluded.token,
+                        expires_at   = excluded.expires_at,
+                        response     = NULL,
+                        created_at   = excluded.created_at,
+                        completed_at = NULL
+                    WHERE r.expires_at <= now()
+                    RETURNING 1
+                )
+                SELECT true AS acquired, NULL::bytea AS fingerprint, NULL::text AS state,
+                       NULL::int8 AS remaining_us, NULL::bytea AS response
+                FROM claimed
+                UNION ALL
+                SELECT false, fingerprint, state,
+                       (extract(epoch FROM expires_at - now()) * 1000000)::int8,
+                       response
+                FROM {t}
+                WHERE key = $1 AND NOT EXISTS (SELECT FROM claimed)"
+            )),
+            // $1 key, $2 token, $3 lease in microseconds.
+            renew: sql(format!(
+                "UPDATE {t} SET expires_at = now() + $3::int8 * interval '1 microsecond'
+                 WHERE key = $1 AND token = $2 AND state = 'in_flight'"
+            )),
+            // $1 key, $2 token, $3 encoded response, $4 ttl in microseconds.
+            complete: sql(format!(
+                "UPDATE {t} SET state = 'completed', token = NULL, response = $3,
+                     expires_at = now() + $4::int8 * interval '1 microsecond',
+                     completed_at = now()
+                 WHERE key = $1 AND token = $2 AND state = 'in_flight'"
+            )),
+            // $1 key, $2 token.
+            release: sql(format!(
+                "DELETE FROM {t} WHERE key = $1 AND token = $2 AND state = 'in_flight'"
+            )),
+            // $1 batch size. FOR UPDATE re-checks the deadline on the latest version of a row a
+            // concurrent `begin` just took over; SKIP LOCKED passes over rows in use.
+            delete_expired: sql(format!(
+                "DELETE FROM {t} WHERE key IN (
+                     SELECT key FROM {t} WHERE expires_at <= now()
+                     LIMIT $1 FOR UPDATE SKIP LOCKED
+                 ) AND expires_at <= now()"
+            )),
+        }
+    }
+}
+
+/// A table name that [`PostgresStore::with_table_name`] refused.
+///
+/// A table name must be a plain lowercase identifier: 1 to 48 characters from `a`-`z`, `0`-`9`
+/// and `_`, not starting with a digit.
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableNameError {
+    name: String,
+}
+
+impl fmt::Display for TableNameError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "invalid table name {:?}: expected 1 to {MAX_TABLE_NAME} characters of a-z, 0-9 and _, \
+             not starting with a digit",
+            self.name
+        )
+    }
+}
+
+impl std::error::Error for TableNameError {}
+
+fn validate_table_name(name: &str) -> Result<(), TableNameError> {
+    let valid = !name.is_empty()
+        && name.len() <= MAX_TABLE_NAME
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    if valid {
+        Ok(())
+    } else {
+        Err(TableNameError {
+            name: name.to_owned(),
+        })
+    }
+}
+
+/// A duration as whole microseconds, clamped to [`MAX_DURATION`].
+fn micros(duration: Duration) -> i64 {
+    duration.min(MAX_DURATION).as_micros() as i64
+}
+
+fn corrupt(source: sqlx::Error) -> StoreError {
+    StoreError::new(StoreErrorKind::Corrupt, "stored record is corrupt").with_source(source)
+}
+
+impl fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("table", &self.sql.table)
+            .field("cleanup_batch", &self.cleanup_batch)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PostgresStore {
+    /// A store on `pool`, using the table `idempotency_records`. Creates nothing; call
+    /// [`migrate`](Self::migrate) (or create the table yourself) before use.
+    pub fn new(pool: PgPool) -> Self {
+        Self {
+            pool,
+            sql: Arc::new(Statements::new(DEFAULT_TABLE)),
+            cleanup_batch: 1000,
+        }
+    }
+
+    /// Connects a pool with sqlx's default pool options to `url` (for example
+    /// `postgres://user@host:5432/database`, see [`sqlx::postgres::PgConnectOptions`]) and
+    /// returns a store on it, as [`new`](Self::new) does.
+    ///
+    /// Errors with [`StoreErrorKind::Unavailable`] (the sqlx error as its source) when the URL
+    /// is invalid or no connection can be made.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let pool = PgPool::connect(url).await.map_err(StoreError::unavailable)?;
+        Ok(Self::new(pool))
+    }
+
+    /// Keeps the records in the table `name` instead of `idempotency_records` (the index is
+    /// named `<name>_expires_at_idx`). The table lives in the connection's `search_path`
+    /// schema (usually `public`).
+    ///
+    /// Errors unless `name` is a plain lowercase identifier (see [`TableNameError`]).
+    pub fn with_table_name(mut self, name: &str) -> Result<Self, TableNameError> {
+        validate_table_name(name)?;
+        self.sql = Arc::new(Statements::new(name));
+        Ok(self)
+    }
+
+    /// How many rows one `DELETE` of [`delete_expired`](Self::delete_expired) removes at most.
+    /// Default: 1,000; at least 1.
+    pub fn cleanup_batch(mut self, rows: u32) -> Self {
+        self.cleanup_batch = i64::from(rows.max(1));
+        self
+    }
+
+    /// The table name.
+    pub fn table_name(&self) -> &str {
+        &self.sql.table
+    }
+
+    /// The pool the store uses.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Creates the table and its index (see [Schema](Self#schema)) if they do not exist.
+    ///
+    /// Safe to call on every start of every instance: it runs in one transaction holding a
+    /// transaction-level advisory lock derived from the table name, so concurrent calls do not
+    /// trip over each other, and it changes nothing when the table exists.
+    ///
+    /// Errors with [`StoreErrorKind::Unavailable`] when the database fails (for example, the
+    /// role may not create tables).
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await.map_err(StoreError::unavailable)?;
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('tower_idempotency.migrate.' || $1))")
+            .bind(&self.sql.table)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::unavailable)?;
+        for ddl in [&self.sql.create_table, &self.sql.create_index] {
+            sqlx::raw_sql(AssertSqlSafe(ddl.clone()))
+                .execute(&mut *tx)
+                .await
+                .map_err(StoreError::unavailable)?;
+        }
+        tx.commit().await.map_err(StoreError::unavailable)
+    }
+
+    /// Deletes every record whose deadline has passed (expired responses and expired leases),
+    /// in batches of [`cleanup_batch`](Self::cleanup_batch) rows, and returns how many it
+    /// deleted. Rows locked by other transactions are skipped and left for the next run.
+    ///
+    /// Expired records are never returned even before they are deleted; this only reclaims
+    /// space. An owner whose expired lease was deleted gets `Ok(false)` from `complete`.
+    ///
+    /// Errors with [`StoreErrorKind::Unavailable`] when the database fails; batches deleted
+    /// before the failure stay deleted.
+    pub async fn delete_expired(&self) -> Result<u64, StoreError> {
+        let mut deleted = 0;
+        loop {
+            let batch = sqlx::query(AssertSqlSafe(self.sql.delete_expired.clone()))
+                .bind(self.cleanup_batch)
+                .execute(&self.pool)
+                .await
+                .map_err(StoreError::unavailable)?
+                .rows_affected();
+            deleted += batch;
+            if batch < self.cleanup_batch as u64 {
+                return Ok(deleted);
+            }
+        }
+    }
+
+    /// Spawns a tokio task that calls [`delete_expired`](Self::delete_expired) every `period`
+    /// (the first run right away). Failures are logged with `tracing` at `warn` and retried at
+    /// the next tick. The task runs until aborted through the returned handle (or the runtime
+    /// shuts down).
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime, or if `period` is zero.
+    pub fn spawn_cleanup(&self, period: Duration) -> JoinHandle<()> {
+        let store = self.clone();
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tokio::spawn(async move {
+            loop {
+                tick.tick().await;
+                match store.delete_expired().await {
+                    Ok(deleted) => tracing::debug!(
+                        target: "tower_idempotency",
+                        table = store.table_name(),
+                        deleted,
+                        "deleted expired idempotency records"
+                    ),
+                    Err(error) => tracing::warn!(
+                        target: "tower_idempotency",
+                        table = store.table_name(),
+                        %error,
+                        "deleting expired idempotency records failed"
+                    ),
+                }
+            }
+        })
+    }
+
+    /// Runs the `begin` statement once. `None`: the conflicting row was committed after the
+    /// statement's snapshot, so it could not be read; run it again.
+    async fn try_begin(
+        &self,
+        key: &StoreKey,
+        fingerprint: &Fingerprint,
+        token: LeaseToken,
+        lease: i64,
+    ) -> Result<Option<Begin>, StoreError> {
+        let row = sqlx::query(AssertSqlSafe(self.sql.begin.clone()))
+            .bind(&key.0[..])
+            .bind(&fingerprint.0[..])
+            .bind(&token.to_bytes()[..])
+            .bind(lease)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(StoreError::unavailable)?;
+        let Some(row) = row else {
+            // The key conflicted (so it was not absent) but the row is not in our snapshot.
+            return Ok(None);
+        };
+        existing(&row, token)
+    }
+}
+
+/// Reads one row of the `begin` statement.
+fn existing(row: &PgRow, token: LeaseToken) -> Result<Option<Begin>, StoreError> {
+    if row.try_get::<bool, _>("acquired").map_err(corrupt)? {
+        return Ok(Some(Begin::Acquired(token)));
+    }
+    let remaining_us: i64 = row.try_get("remaining_us").map_err(corrupt)?;
+    if remaining_us <= 0 {
+        // Our snapshot holds an expired version of a row that a concurrent `begin` has taken
+        // over since (otherwise this statement would have taken it over).
+        return Ok(None);
+    }
+    let fingerprint = Fingerprint(row.try_get("fingerprint").map_err(corrupt)?);
+    let state: &str = row.try_get("state").map_err(corrupt)?;
+    match state {
+        "in_flight" => Ok(Some(Begin::InFlight {
+            fingerprint,
+            lease_remaining: Duration::from_micros(remaining_us as u64),
+        })),
+        "completed" => {
+            let bytes: &[u8] = row.try_get("response").map_err(corrupt)?;
+            Ok(Some(Begin::Completed {
+                fingerprint,
+                response: StoredResponse::decode(bytes)?,
+            }))
+        }
+        _ => Err(StoreError::new(
+            StoreErrorKind::Corrupt,
+            "stored record has an unknown state",
+        )),
+    }
+}
+
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+#[async_trait]
+impl IdempotencyStore for PostgresStore {
+    async fn begin(
+        &self,
+        key: &StoreKey,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+    ) -> Result<Begin, StoreError> {
+        let token = LeaseToken::random();
+        let lease = micros(lease);
+        for _ in 0..BEGIN_ATTEMPTS {
+            if let Some(outcome) = self.try_begin(key, fingerprint, token, lease).await? {
+                return Ok(outcome);
+            }
+        }
+        Err(StoreError::new(
+            StoreErrorKind::Unavailable,
+            "begin kept racing concurrent writers on the same key",
+        ))
+    }
+
+    async fn renew(
+        &self,
+        key: &StoreKey,
+        token: LeaseToken,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        let result = sqlx::query(AssertSqlSafe(self.sql.renew.clone()))
+            .bind(&key.0[..])
+            .bind(&token.to_bytes()[..])
+            .bind(micros(lease))
+            .execute(&self.pool)
+            .await
+            .map_err(StoreError::unavailable)?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    async fn complete(
+        &self,
+        key: &StoreKey,
+        token: LeaseToken,
+        response: &StoredResponse,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let result = sqlx::query(AssertSqlSafe(self.sql.complete.clone()))
+            .bind(&key.0[..])
+            .bind(&token.to_bytes()[..])
+            .bind(response.encode())
+            .bind(micros(ttl))
+            .execute(&self.pool)
+            .await
+            .map_err(StoreError::unavailable)?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    async fn release(&self, key: &StoreKey, token: LeaseToken) -> Result<bool, StoreError> {
+        let result = sqlx::query(AssertSqlSafe(self.sql.release.clone()))
+            .bind(&key.0[..])
+            .bind(&token.to_bytes()[..])
+            .execute(&self.pool)
+            .await
+            .map_err(StoreError::unavailable)?;
+        Ok(result.rows_affected() == 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_names_are_plain_identifiers() {
+        for good in ["idempotency_records", "a", "_x1", &"a".repeat(MAX_TABLE_NAME)] {
+            assert!(validate_table_name(good).is_ok(), "{good:?}");
+        }
+        for bad in [
+            "",
+            "1abc",
+            "Upper",
+            "a-b",
+            "a.b",
+            "a b",
+            "x\"; DROP TABLE y; --",
+            "é",
+            &"a".repeat(MAX_TABLE_NAME + 1),
+        ] {
+            assert!(validate_table_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn durations_are_microseconds_clamped() {
+        assert_eq!(micros(Duration::from_millis(1500)), 1_500_000);
+        assert_eq!(micros(Duration::MAX), micros(MAX_DURATION));
+    }
+}
