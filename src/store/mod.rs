@@ -254,6 +254,13 @@ pub trait IdempotencyStore: Send + Sync + 'static {
     /// Replaces the lease with `response`, kept for `ttl` from now, only if `token` still owns
     /// the lease on `key` (an owner whose lease was taken over gets `Ok(false)` and changes
     /// nothing). Returns whether it stored the response.
+    ///
+    /// A lease past its expiry that no `begin` has taken over yet may go either way: a store
+    /// may still accept its owner's `complete` (and `renew`), since finishing late is better
+    /// than running twice, or may already have dropped it and answer `Ok(false)`. Whatever it
+    /// answers, the next `begin` must agree: `Ok(true)` means the response is replayed,
+    /// `Ok(false)` means the key is free. Once another `begin` has acquired the key, the old
+    /// token never succeeds again.
     async fn complete(
         &self,
         key: &StoreKey,
