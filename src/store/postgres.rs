@@ -290,7 +290,9 @@ impl PostgresStore {
     /// Errors with [`StoreErrorKind::Unavailable`] (the sqlx error as its source) when the URL
     /// is invalid or no connection can be made.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        let pool = PgPool::connect(url).await.map_err(StoreError::unavailable)?;
+        let pool = PgPool::connect(url)
+            .await
+            .map_err(StoreError::unavailable)?;
         Ok(Self::new(pool))
     }
 
@@ -534,7 +536,12 @@ mod tests {
 
     #[test]
     fn table_names_are_plain_identifiers() {
-        for good in ["idempotency_records", "a", "_x1", &"a".repeat(MAX_TABLE_NAME)] {
+        for good in [
+            "idempotency_records",
+            "a",
+            "_x1",
+            &"a".repeat(MAX_TABLE_NAME),
+        ] {
             assert!(validate_table_name(good).is_ok(), "{good:?}");
         }
         for bad in [
