@@ -3,6 +3,7 @@
 use std::{
     fmt,
     future::Future,
+    panic::AssertUnwindSafe,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
@@ -11,7 +12,7 @@ use std::{
 
 use axum::body::Body;
 use bytes::{Bytes, BytesMut};
-use futures_util::{StreamExt, future::BoxFuture, stream};
+use futures_util::{FutureExt, StreamExt, future::BoxFuture, stream};
 use http::{HeaderValue, Method, Request, Response, header, request::Parts};
 use http_body::Frame;
 use http_body_util::{BodyExt, BodyStream, LengthLimitError, Limited, StreamBody};
@@ -271,21 +272,31 @@ where
         token: Some(token),
     };
     let job = execute(config.clone(), inner, req, guard, method, path);
-    if !config.run_to_completion {
-        return job.await;
-    }
-    match tokio::spawn(job).await {
-        Ok(result) => result,
-        // Let the panic continue outward, as if the handler had run here, so a catch-panic
-        // layer outside sees it. The task's guard has already released the lease.
-        Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
-        Err(_) => Ok(Problem::new(
-            ProblemKind::StoreUnavailable,
-            "the server is shutting down",
-        )
-        .retry_after(Duration::from_secs(1))
-        .into_response()),
-    }
+    let panic = if config.run_to_completion {
+        match tokio::spawn(job).await {
+            Ok(result) => return result,
+            Err(error) if error.is_panic() => error.into_panic(),
+            Err(_) => {
+                return Ok(Problem::new(
+                    ProblemKind::StoreUnavailable,
+                    "the server is shutting down",
+                )
+                .retry_after(Duration::from_secs(1))
+                .into_response());
+            }
+        }
+    } else {
+        match AssertUnwindSafe(job).catch_unwind().await {
+            Ok(result) => return result,
+            Err(panic) => panic,
+        }
+    };
+    // The handler panicked. Its guard released the lease from a background task on drop;
+    // release it here too (the token check makes the second call a no-op) so that it is gone
+    // before the 500 reaches the client, whose immediate retry must run, not get 409. Then let
+    // the panic continue outward, as if the handler had run here, for a catch-panic layer.
+    release(&config, &store_key, token).await;
+    std::panic::resume_unwind(panic)
 }
 
 /// Why `begin` did not hand out a lease.
