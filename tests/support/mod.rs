@@ -1,0 +1,431 @@
+//! Helpers shared by the layer's behaviour tests: request builders, a collected response, a
+//! call counter, and [`TestStore`], a store wrapper that injects faults and reports what the
+//! layer asked of it.
+#![allow(dead_code, unreachable_pub)]
+
+use std::{
+    convert::Infallible,
+    future::Future,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use axum::body::Body;
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::BodyExt;
+use tokio::sync::watch;
+use tower::{Service, ServiceExt};
+use tower_idempotency::{
+    IdempotencyKey, IdempotencyStore, REPLAYED_HEADER, Scope, ScopeExtractor,
+    fingerprint::{self, RequestIdentity},
+    scope::AuthorizationScope,
+    store::{Begin, Fingerprint, LeaseToken, StoreError, StoreErrorKind, StoreKey, StoredResponse},
+};
+
+/// The credential of the organization most tests act as.
+pub const ORG_A: &str = "Bearer org_a_secret";
+/// Another organization's credential.
+pub const ORG_B: &str = "Bearer org_b_secret";
+/// The default key header.
+pub const KEY: &str = "x-idempotency-key";
+
+/// A guard against hangs: a test that should finish fails after this long instead. With a
+/// paused clock it fires as soon as every task is idle.
+pub const HANG: Duration = Duration::from_secs(30);
+
+/// A `POST` with organization A's credential, the key (when given) and a JSON body.
+pub fn request(path: &str, key: Option<&str>, json: &str) -> Request<Body> {
+    let mut builder = Request::post(path)
+        .header(header::AUTHORIZATION, ORG_A)
+        .header(header::CONTENT_TYPE, "application/json");
+    if let Some(key) = key {
+        builder = builder.header(KEY, key);
+    }
+    builder.body(Body::from(json.to_owned())).unwrap()
+}
+
+/// A request builder with organization A's credential and the key.
+pub fn keyed(method: Method, path: &str, key: &str) -> http::request::Builder {
+    Request::builder()
+        .method(method)
+        .uri(path)
+        .header(header::AUTHORIZATION, ORG_A)
+        .header(KEY, key)
+}
+
+/// A response with its body collected.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub async fn collect(response: Response<Body>) -> Self {
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await.expect("response body").to_bytes();
+        Self {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        }
+    }
+
+    /// Whether the layer marked this response as a replay.
+    pub fn replayed(&self) -> bool {
+        match self.headers.get(REPLAYED_HEADER) {
+            None => false,
+            Some(v) if v == "true" => true,
+            Some(v) => panic!("unexpected {REPLAYED_HEADER} value {v:?}"),
+        }
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(|v| v.to_str().unwrap())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).expect("JSON body")
+    }
+
+    pub fn text(&self) -> &str {
+        std::str::from_utf8(&self.body).expect("UTF-8 body")
+    }
+
+    /// Asserts that this is an RFC 9457 problem of `status` whose `type` ends with `kind`.
+    #[track_caller]
+    pub fn assert_problem(&self, status: StatusCode, kind: &str) {
+        assert_eq!(self.status, status, "body: {:?}", self.body);
+        assert_eq!(
+            self.header("content-type"),
+            Some("application/problem+json")
+        );
+        let problem = self.json();
+        assert_eq!(problem["status"], status.as_u16(), "{problem}");
+        let ty = problem["type"].as_str().expect("type");
+        assert!(
+            ty.ends_with(&format!(":{kind}")),
+            "type {ty}, expected {kind}"
+        );
+        assert!(problem["title"].is_string(), "{problem}");
+        assert!(problem["detail"].is_string(), "{problem}");
+        assert!(!self.replayed());
+    }
+
+    /// Asserts a `Retry-After` of a positive number of seconds.
+    #[track_caller]
+    pub fn assert_retry_after(&self) {
+        let after: u64 = self
+            .header("retry-after")
+            .expect("Retry-After")
+            .parse()
+            .expect("Retry-After in seconds");
+        assert!(after >= 1);
+    }
+}
+
+/// Sends `req` through a clone of `svc` and collects the response.
+pub async fn send<S>(svc: &S, req: Request<Body>) -> Reply
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible> + Clone,
+{
+    let response = tokio::time::timeout(HANG, svc.clone().oneshot(req))
+        .await
+        .expect("the request hung")
+        .unwrap();
+    Reply::collect(response).await
+}
+
+/// Counts handler runs; clones share the count.
+#[derive(Clone, Default, Debug)]
+pub struct Calls(Arc<AtomicUsize>);
+
+impl Calls {
+    /// Counts one run and returns its number (1 for the first).
+    pub fn hit(&self) -> usize {
+        self.0.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    pub fn get(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// Awaits `future`, failing the test if it hangs.
+pub async fn within<F: Future>(future: F) -> F::Output {
+    tokio::time::timeout(HANG, future)
+        .await
+        .expect("timed out waiting")
+}
+
+/// The record key and fingerprint the layer uses, in the default `KeyReuse::NewRequest` mode,
+/// for a `POST` from `authorization` to `path` with `key` and a JSON `body`.
+pub fn record_key(
+    authorization: &str,
+    path: &str,
+    key: &str,
+    body: &str,
+) -> (StoreKey, Fingerprint) {
+    let parts = Request::post(path)
+        .header(header::AUTHORIZATION, authorization)
+        .body(())
+        .unwrap()
+        .into_parts()
+        .0;
+    let scope: Scope = AuthorizationScope.extract(&parts).unwrap();
+    let key = IdempotencyKey::parse(key.as_bytes()).unwrap();
+    let id = RequestIdentity {
+        scope: &scope,
+        method: &Method::POST,
+        path,
+        key: &key,
+    };
+    let (kind, digest) = fingerprint::body_digest(body.as_bytes(), true);
+    let fp = fingerprint::fingerprint(&id, None, kind, &digest);
+    (StoreKey(fp.0), fp)
+}
+
+/// What a [`TestStore`] does on one kind of call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Fault {
+    /// Forward to the wrapped store.
+    #[default]
+    None,
+    /// Fail with [`StoreErrorKind::Unavailable`] without forwarding.
+    Fail,
+    /// Never answer.
+    Hang,
+    /// `begin` only: forward, and when that acquires a lease, keep the token (see
+    /// [`TestStore::abandoned`]) and fail as if the owner had crashed right after acquiring.
+    Abandon,
+}
+
+/// The fault for each store method.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Faults {
+    pub begin: Fault,
+    pub renew: Fault,
+    pub complete: Fault,
+    pub release: Fault,
+    pub wait: Fault,
+}
+
+/// What the layer asked of a [`TestStore`], counted by answer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Events {
+    pub begins: usize,
+    pub acquired: usize,
+    pub in_flight: usize,
+    pub found_completed: usize,
+    pub renews: usize,
+    pub renewed: usize,
+    pub completes: usize,
+    pub completed: usize,
+    pub releases: usize,
+    pub released: usize,
+    pub waits: usize,
+}
+
+/// A store wrapper that injects [`Fault`]s and publishes [`Events`] (so tests wait on what
+/// happened instead of sleeping). Clones share faults and events.
+#[derive(Clone)]
+pub struct TestStore {
+    inner: Arc<dyn IdempotencyStore>,
+    faults: Arc<Mutex<Faults>>,
+    events: Arc<watch::Sender<Events>>,
+    abandoned: Arc<Mutex<Vec<(StoreKey, LeaseToken)>>>,
+}
+
+impl TestStore {
+    pub fn new(inner: impl IdempotencyStore) -> Self {
+        Self {
+            inner: Arc::new(inner),
+            faults: Arc::default(),
+            events: Arc::new(watch::Sender::new(Events::default())),
+            abandoned: Arc::default(),
+        }
+    }
+
+    pub fn set_faults(&self, change: impl FnOnce(&mut Faults)) {
+        change(&mut self.faults.lock().unwrap());
+    }
+
+    pub fn events(&self) -> Events {
+        *self.events.borrow()
+    }
+
+    /// Waits until the events satisfy `done` (or fails the test after [`HANG`]).
+    pub async fn wait_for(&self, done: impl FnMut(&Events) -> bool) -> Events {
+        let mut rx = self.events.subscribe();
+        let events = within(rx.wait_for(done)).await.expect("sender alive");
+        *events
+    }
+
+    /// Leases acquired under [`Fault::Abandon`]: never completed nor released by anyone.
+    pub fn abandoned(&self) -> Vec<(StoreKey, LeaseToken)> {
+        self.abandoned.lock().unwrap().clone()
+    }
+
+    fn fault(&self, pick: impl FnOnce(&Faults) -> Fault) -> Fault {
+        pick(&self.faults.lock().unwrap())
+    }
+
+    fn count(&self, change: impl FnOnce(&mut Events)) {
+        self.events.send_modify(change);
+    }
+}
+
+fn injected() -> StoreError {
+    StoreError::new(StoreErrorKind::Unavailable, "injected store fault")
+}
+
+async fn apply(fault: Fault) -> Result<(), StoreError> {
+    match fault {
+        Fault::None | Fault::Abandon => Ok(()),
+        Fault::Fail => Err(injected()),
+        Fault::Hang => std::future::pending().await,
+    }
+}
+
+#[tower_idempotency::async_trait]
+impl IdempotencyStore for TestStore {
+    async fn begin(
+        &self,
+        key: &StoreKey,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+    ) -> Result<Begin, StoreError> {
+        let fault = self.fault(|f| f.begin);
+        apply(fault).await?;
+        let outcome = self.inner.begin(key, fingerprint, lease).await?;
+        if let (Fault::Abandon, Begin::Acquired(token)) = (fault, &outcome) {
+            self.abandoned.lock().unwrap().push((*key, *token));
+            return Err(injected());
+        }
+        self.count(|e| {
+            e.begins += 1;
+            match &outcome {
+                Begin::Acquired(_) => e.acquired += 1,
+                Begin::InFlight { .. } => e.in_flight += 1,
+                Begin::Completed { .. } => e.found_completed += 1,
+            }
+        });
+        Ok(outcome)
+    }
+
+    async fn renew(
+        &self,
+        key: &StoreKey,
+        token: LeaseToken,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        self.count(|e| e.renews += 1);
+        apply(self.fault(|f| f.renew)).await?;
+        let renewed = self.inner.renew(key, token, lease).await?;
+        self.count(|e| e.renewed += usize::from(renewed));
+        Ok(renewed)
+    }
+
+    async fn complete(
+        &self,
+        key: &StoreKey,
+        token: LeaseToken,
+        response: &StoredResponse,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        apply(self.fault(|f| f.complete)).await.inspect_err(|_| {
+            self.count(|e| e.completes += 1);
+        })?;
+        let completed = self.inner.complete(key, token, response, ttl).await;
+        self.count(|e| {
+            e.completes += 1;
+            e.completed += usize::from(matches!(completed, Ok(true)));
+        });
+        completed
+    }
+
+    async fn release(&self, key: &StoreKey, token: LeaseToken) -> Result<bool, StoreError> {
+        apply(self.fault(|f| f.release)).await.inspect_err(|_| {
+            self.count(|e| e.releases += 1);
+        })?;
+        let released = self.inner.release(key, token).await;
+        self.count(|e| {
+            e.releases += 1;
+            e.released += usize::from(matches!(released, Ok(true)));
+        });
+        released
+    }
+
+    async fn wait(&self, key: &StoreKey, timeout: Duration) -> Result<(), StoreError> {
+        self.count(|e| e.waits += 1);
+        apply(self.fault(|f| f.wait)).await?;
+        self.inner.wait(key, timeout).await
+    }
+}
+
+/// A header value from raw bytes (for non-UTF-8 values).
+pub fn raw_header(bytes: &[u8]) -> HeaderValue {
+    HeaderValue::from_bytes(bytes).unwrap()
+}
+
+/// A gate for handlers: each run announces itself and then waits until the test opens the
+/// gate for it. Clones share the gate.
+#[derive(Clone)]
+pub struct Gate {
+    entered: Arc<watch::Sender<usize>>,
+    go: Arc<tokio::sync::Semaphore>,
+}
+
+impl Default for Gate {
+    fn default() -> Self {
+        Self {
+            entered: Arc::new(watch::Sender::new(0)),
+            go: Arc::new(tokio::sync::Semaphore::new(0)),
+        }
+    }
+}
+
+impl Gate {
+    /// Called by a handler: counts the run, then waits for a permit.
+    pub async fn enter(&self) {
+        self.entered.send_modify(|n| *n += 1);
+        self.go.acquire().await.expect("gate open").forget();
+    }
+
+    /// Waits until `n` runs have entered.
+    pub async fn entered(&self, n: usize) {
+        let mut rx = self.entered.subscribe();
+        within(rx.wait_for(|entered| *entered >= n))
+            .await
+            .expect("gate alive");
+    }
+
+    /// How many runs have entered.
+    pub fn count(&self) -> usize {
+        *self.entered.borrow()
+    }
+
+    /// Lets `n` waiting (or future) runs through.
+    pub fn open(&self, n: usize) {
+        self.go.add_permits(n);
+    }
+}
+
+/// The standard create handler's response: 201, JSON `{"run": n, "request": <body>}` and
+/// `Location: /calls/<n>`, where `n` is the run number.
+pub fn created(run: usize, request: &[u8]) -> Response<Body> {
+    let request: serde_json::Value =
+        serde_json::from_slice(request).unwrap_or_else(|_| String::from_utf8_lossy(request).into());
+    let body = serde_json::json!({ "run": run, "request": request });
+    Response::builder()
+        .status(StatusCode::CREATED)
+        .header(header::LOCATION, format!("/calls/{run}"))
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(body.to_string()))
+        .unwrap()
+}
