@@ -29,20 +29,29 @@ pub const MARGIN: Duration = Duration::from_millis(200);
 
 /// Runs every check of the suite on `store`, one after another.
 pub async fn run_all<S: IdempotencyStore + Clone>(store: S) {
-    begin_on_absent_key_acquires(&store).await;
-    begin_on_held_lease_reports_in_flight(&store).await;
-    complete_then_begin_replays_byte_exact(&store).await;
-    complete_needs_a_live_lease(&store).await;
-    wrong_token_changes_nothing(&store).await;
-    wrong_token_on_completed_changes_nothing(&store).await;
-    calls_on_absent_key_return_false(&store).await;
-    release_lets_next_begin_acquire(&store).await;
-    expired_lease_is_taken_over(&store).await;
-    late_completion_without_takeover_is_consistent(&store).await;
-    renew_extends_lease_past_original_expiry(&store).await;
-    completed_record_expires_after_ttl(&store).await;
-    concurrent_begin_acquires_exactly_once(&store).await;
-    wait_returns_within_timeout(&store).await;
+    // Each check's name goes to stderr first, so a failing run shows which rule broke.
+    macro_rules! checks {
+        ($($check:ident),* $(,)?) => {$(
+            eprintln!("store conformance: {}", stringify!($check));
+            $check(&store).await;
+        )*};
+    }
+    checks!(
+        begin_on_absent_key_acquires,
+        begin_on_held_lease_reports_in_flight,
+        complete_then_begin_replays_byte_exact,
+        complete_needs_a_live_lease,
+        wrong_token_changes_nothing,
+        wrong_token_on_completed_changes_nothing,
+        calls_on_absent_key_return_false,
+        release_lets_next_begin_acquire,
+        expired_lease_is_taken_over,
+        late_completion_without_takeover_is_consistent,
+        renew_extends_lease_past_original_expiry,
+        completed_record_expires_after_ttl,
+        concurrent_begin_acquires_exactly_once,
+        wait_returns_within_timeout,
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
