@@ -557,10 +557,23 @@ async fn postgres_store(_config: &Config) -> Result<Arc<dyn IdempotencyStore>, S
 
 #[cfg(feature = "postgres")]
 async fn postgres_store(config: &Config) -> Result<Arc<dyn IdempotencyStore>, String> {
+    use tower_idempotency::store::{PostgresStore, StoreError};
+
     let url = database_url(config);
-    Err(format!(
-        "--store postgres ({url}): this build has no PostgreSQL store yet"
-    ))
+    // A store error's message includes its cause.
+    let failed = |what: &str, error: &StoreError| {
+        format!("--store postgres: cannot {what} ({url}): {error}")
+    };
+    let store = PostgresStore::connect(&url)
+        .await
+        .map_err(|error| failed("connect to PostgreSQL", &error))?;
+    store
+        .migrate()
+        .await
+        .map_err(|error| failed("create the idempotency table", &error))?;
+    // Reclaims expired records every minute, for as long as the server runs.
+    drop(store.spawn_cleanup(Duration::from_secs(60)));
+    Ok(Arc::new(store))
 }
 
 /// A flag value as it is written on the command line.
