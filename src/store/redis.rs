@@ -129,8 +129,9 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
 /// | `t` | the lease token, 16 raw bytes | in flight |
 /// | `r` | the response, [`StoredResponse::encode`]d: status, headers and body as length-prefixed binary | completed |
 ///
-/// A completed record with a 100-byte body and two short headers takes about 200 bytes of
-/// values; nothing is base64 or JSON.
+/// Nothing is base64 or JSON: a completed record with a 100-byte body and two short headers
+/// holds about 230 bytes of values, and took 592 bytes of Redis memory in all (`MEMORY USAGE`,
+/// Redis 7.0, x86_64).
 ///
 /// # Round trips
 ///
