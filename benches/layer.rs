@@ -1,0 +1,508 @@
+//! The cost of the layer per request, side by side with the bare router and with
+//! `axum-idempotent`, all driven in process through `tower::ServiceExt::oneshot` in one run so
+//! that the ratios hold on a noisy machine.
+//!
+//! ```text
+//! cargo bench --bench layer
+//! cargo bench --bench layer -- replay      # one group
+//! ```
+//!
+//! Groups (every one has its `bare` baseline: the same router and handler with no layer):
+//!
+//! - `passthrough`: a POST to an unlisted route, and a POST to a listed route with no key;
+//!   `axum_idempotent_no_key` is the peer's own pass-through (its key-header mode, no key).
+//! - `first_request`: execute and store, a fresh key each iteration, 1 KiB JSON body.
+//! - `replay`: the same request again, answered from the store.
+//! - `body_size`: first request and replay at 1 KiB, 64 KiB and 1 MiB JSON bodies.
+//! - `contention`: 64 concurrent requests on a multi-threaded runtime, all with one key or
+//!   each with its own.
+//!
+//! The peer (`axum-idempotent`) runs in its hashing mode (method, path, headers and body hashed
+//! with BLAKE3), behind the session and cookie layers it needs, with an in-memory (`moka`)
+//! session store and a session created beforehand, so that it really caches. Its session store
+//! keeps every cached response of a session in one map and scans that map on every write, so a
+//! session that has stored n responses pays O(n) for the next one; the first-request bench
+//! starts a new session every 64 requests (untimed) so that it measures the per-request cost
+//! rather than that scan.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use axum::{
+    Router,
+    body::{Body, Bytes, to_bytes},
+    http::{HeaderValue, Request, StatusCode, header},
+    response::IntoResponse,
+    routing::post,
+};
+use axum_idempotent::{IdempotentLayer, IdempotentOptions};
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use ruts::{CookieOptions, Session, SessionLayer, store::Ttl, store::moka::MokaStore};
+use tower::ServiceExt;
+use tower_cookies::CookieManagerLayer;
+use tower_idempotency::{IdempotencyLayer, MemoryStore, REPLAYED_HEADER};
+
+const KEY_HEADER: &str = "x-idempotency-key";
+const AUTHORIZATION: &str = "Bearer sk_test_bench_0123456789";
+/// A new peer session after this many first requests (see the module docs).
+const PEER_SESSION_REQUESTS: u64 = 64;
+
+const KIB: usize = 1024;
+
+// ---------------------------------------------------------------------------------------------
+// The application: the same routes and handler for every variant.
+
+/// A create handler: reads the whole body, answers 201 with a small JSON resource.
+async fn create(body: Bytes) -> impl IntoResponse {
+    let body = format!(r#"{{"id":"call_{:016x}","status":"queued"}}"#, body.len());
+    (
+        StatusCode::CREATED,
+        [(header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+}
+
+fn routes() -> Router {
+    Router::new()
+        .route("/calls", post(create))
+        .route("/agents", post(create))
+        .route("/voices", post(create))
+}
+
+fn bare() -> Router {
+    routes()
+}
+
+/// Our layer as the reference API uses it: router-wide, with an allow-list.
+fn ours() -> Router {
+    routes().layer(
+        IdempotencyLayer::new()
+            .post("/agents")
+            .post("/calls")
+            .post("/batch-calls")
+            .post("/tools")
+            .store(MemoryStore::new()),
+    )
+}
+
+/// `axum-idempotent` with the layers it needs. `key_header` picks its direct-key mode (no
+/// key: pass through); otherwise it hashes method, path, headers and body.
+fn peer(key_header: bool) -> Router {
+    let options = IdempotentOptions::default().expire_after(24 * 60 * 60);
+    let options = if key_header {
+        options.use_idempotency_key_header(Some(KEY_HEADER), false)
+    } else {
+        options
+    };
+    let store = Arc::new(MokaStore::builder().max_capacity(1_000_000).build());
+    let cookies = CookieOptions::build()
+        .name("session")
+        .max_age(24 * 60 * 60)
+        .path("/");
+    routes()
+        .route(
+            "/session",
+            post(|session: Session<MokaStore>| async move {
+                let ttl = Ttl::new(24 * 60 * 60).expect("a valid TTL");
+                session
+                    .set("user", &String::from("bench"), ttl, None)
+                    .await
+                    .expect("session store");
+                "session"
+            }),
+        )
+        .layer(IdempotentLayer::<MokaStore>::new(options))
+        .layer(SessionLayer::new(store).with_cookie_options(cookies))
+        .layer(CookieManagerLayer::new())
+}
+
+/// Creates a peer session and returns its `Cookie` header value.
+async fn new_session(app: &Router) -> HeaderValue {
+    let response = app
+        .clone()
+        .oneshot(
+            Request::post("/session")
+                .header(header::AUTHORIZATION, AUTHORIZATION)
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let set_cookie = response
+        .headers()
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|v| v.starts_with("session="))
+        .expect("the peer's session layer sets a session cookie");
+    let pair = set_cookie.split(';').next().unwrap();
+    HeaderValue::from_str(pair).unwrap()
+}
+
+/// A JSON body of about `size` bytes: a few fields (keys out of order) and a list of items.
+fn json_body(size: usize) -> Bytes {
+    let mut out = String::from(
+        r#"{"to":"+15550100","agent_id":"agent_8f14e45fceea167a","metadata":{"priority":3,"campaign":"spring"},"items":["#,
+    );
+    let mut i = 0;
+    loop {
+        let item = format!(
+            r#"{}{{"sku":"sku-{i:06}","qty":{},"note":"ring twice, then leave it"}}"#,
+            if i == 0 { "" } else { "," },
+            i % 7 + 1
+        );
+        if out.len() + item.len() + 2 > size && i > 0 {
+            break;
+        }
+        out.push_str(&item);
+        i += 1;
+    }
+    out.push_str("]}");
+    Bytes::from(out)
+}
+
+fn request(
+    path: &str,
+    key: Option<&str>,
+    cookie: Option<&HeaderValue>,
+    body: &Bytes,
+) -> Request<Body> {
+    let mut builder = Request::post(path)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::AUTHORIZATION, AUTHORIZATION);
+    if let Some(key) = key {
+        builder = builder.header(KEY_HEADER, key);
+    }
+    if let Some(cookie) = cookie {
+        builder = builder.header(header::COOKIE, cookie.clone());
+    }
+    builder.body(Body::from(body.clone())).unwrap()
+}
+
+/// Sends the request and reads the whole response, as a server would before writing it.
+async fn send(app: &Router, req: Request<Body>) -> (StatusCode, bool, Bytes) {
+    let response = app.clone().oneshot(req).await.unwrap();
+    let status = response.status();
+    let replayed = response.headers().contains_key(REPLAYED_HEADER)
+        || response.headers().contains_key("idempotency-replayed");
+    let body = to_bytes(response.into_body(), usize::MAX).await.unwrap();
+    (status, replayed, body)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shapes of measurement.
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn fresh_key() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!("bench-{:016x}", NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// What one timed request is made of.
+#[derive(Clone, Copy)]
+enum Shape {
+    /// The same request every time (pass-through, replay, bare).
+    Same,
+    /// A fresh key every time (first requests).
+    FreshKey,
+}
+
+/// Times `iters` requests built by `shape`, one at a time; request building and (for the peer)
+/// session creation are not timed.
+async fn timed(
+    app: &Router,
+    path: &str,
+    key: Option<&str>,
+    peer_session: bool,
+    shape: Shape,
+    body: &Bytes,
+    iters: u64,
+) -> Duration {
+    let mut total = Duration::ZERO;
+    let mut cookie = None;
+    for i in 0..iters {
+        if peer_session
+            && (cookie.is_none() || matches!(shape, Shape::FreshKey))
+            && i % PEER_SESSION_REQUESTS == 0
+        {
+            cookie = Some(new_session(app).await);
+        }
+        let fresh;
+        let key = match shape {
+            Shape::Same => key,
+            Shape::FreshKey => {
+                fresh = fresh_key();
+                Some(fresh.as_str())
+            }
+        };
+        let req = request(path, key, cookie.as_ref(), body);
+        let start = Instant::now();
+        let response = send(app, req).await;
+        total += start.elapsed();
+        std::hint::black_box(response);
+    }
+    total
+}
+
+/// Stores a response for `key` (peer: in a new session) and checks that the next identical
+/// request is a replay. Returns the peer's cookie.
+async fn prime_replay(
+    app: &Router,
+    key: &str,
+    peer_session: bool,
+    body: &Bytes,
+) -> Option<HeaderValue> {
+    let cookie = if peer_session {
+        Some(new_session(app).await)
+    } else {
+        None
+    };
+    let (status, replayed, _) =
+        send(app, request("/calls", Some(key), cookie.as_ref(), body)).await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert!(!replayed, "the first request must execute");
+    let (status, replayed, _) =
+        send(app, request("/calls", Some(key), cookie.as_ref(), body)).await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert!(replayed, "the second request must be a replay");
+    cookie
+}
+
+async fn timed_replay(
+    app: &Router,
+    cookie: Option<&HeaderValue>,
+    key: &str,
+    body: &Bytes,
+    iters: u64,
+) -> Duration {
+    let mut total = Duration::ZERO;
+    for _ in 0..iters {
+        let req = request("/calls", Some(key), cookie, body);
+        let start = Instant::now();
+        let response = send(app, req).await;
+        total += start.elapsed();
+        debug_assert!(response.1);
+        std::hint::black_box(response);
+    }
+    total
+}
+
+// ---------------------------------------------------------------------------------------------
+// Benches.
+
+fn passthrough(c: &mut Criterion) {
+    let rt = runtime();
+    let (bare, ours, peer_key) = rt.block_on(async { (bare(), ours(), peer(true)) });
+    let body = json_body(KIB);
+    let mut group = c.benchmark_group("passthrough");
+    group.measurement_time(Duration::from_secs(3));
+
+    group.bench_function("bare", |b| {
+        b.to_async(&rt).iter_custom(|iters| {
+            timed(
+                &bare,
+                "/voices",
+                Some("unlisted-key"),
+                false,
+                Shape::Same,
+                &body,
+                iters,
+            )
+        })
+    });
+    group.bench_function("unlisted_route", |b| {
+        b.to_async(&rt).iter_custom(|iters| {
+            timed(
+                &ours,
+                "/voices",
+                Some("unlisted-key"),
+                false,
+                Shape::Same,
+                &body,
+                iters,
+            )
+        })
+    });
+    group.bench_function("no_key", |b| {
+        b.to_async(&rt)
+            .iter_custom(|iters| timed(&ours, "/calls", None, false, Shape::Same, &body, iters))
+    });
+    group.bench_function("axum_idempotent_no_key", |b| {
+        b.to_async(&rt)
+            .iter_custom(|iters| timed(&peer_key, "/calls", None, true, Shape::Same, &body, iters))
+    });
+    group.finish();
+}
+
+fn first_request(c: &mut Criterion) {
+    let rt = runtime();
+    let (bare, ours, peer_hash) = rt.block_on(async { (bare(), ours(), peer(false)) });
+    let body = json_body(KIB);
+    rt.block_on(async {
+        // The peer caches first requests in this setup.
+        prime_replay(&peer_hash, &fresh_key(), true, &body).await;
+        prime_replay(&ours, &fresh_key(), false, &body).await;
+    });
+    let mut group = c.benchmark_group("first_request");
+    group.measurement_time(Duration::from_secs(3));
+    group.bench_function("bare", |b| {
+        b.to_async(&rt)
+            .iter_custom(|iters| timed(&bare, "/calls", None, false, Shape::FreshKey, &body, iters))
+    });
+    group.bench_function("tower_idempotency", |b| {
+        b.to_async(&rt)
+            .iter_custom(|iters| timed(&ours, "/calls", None, false, Shape::FreshKey, &body, iters))
+    });
+    group.bench_function("axum_idempotent", |b| {
+        b.to_async(&rt).iter_custom(|iters| {
+            timed(
+                &peer_hash,
+                "/calls",
+                None,
+                true,
+                Shape::FreshKey,
+                &body,
+                iters,
+            )
+        })
+    });
+    group.finish();
+}
+
+fn replay(c: &mut Criterion) {
+    let rt = runtime();
+    let (bare, ours, peer_hash) = rt.block_on(async { (bare(), ours(), peer(false)) });
+    let body = json_body(KIB);
+    let (peer_cookie, ..) = rt.block_on(async {
+        (
+            prime_replay(&peer_hash, "replay-key", true, &body).await,
+            prime_replay(&ours, "replay-key", false, &body).await,
+        )
+    });
+    let mut group = c.benchmark_group("replay");
+    group.measurement_time(Duration::from_secs(3));
+    group.bench_function("bare", |b| {
+        b.to_async(&rt)
+            .iter_custom(|iters| timed_replay(&bare, None, "replay-key", &body, iters))
+    });
+    group.bench_function("tower_idempotency", |b| {
+        b.to_async(&rt)
+            .iter_custom(|iters| timed_replay(&ours, None, "replay-key", &body, iters))
+    });
+    group.bench_function("axum_idempotent", |b| {
+        b.to_async(&rt).iter_custom(|iters| {
+            timed_replay(&peer_hash, peer_cookie.as_ref(), "replay-key", &body, iters)
+        })
+    });
+    group.finish();
+}
+
+fn body_size(c: &mut Criterion) {
+    let rt = runtime();
+    let (bare, ours) = rt.block_on(async { (bare(), ours()) });
+    let mut group = c.benchmark_group("body_size");
+    for (label, size) in [("1KiB", KIB), ("64KiB", 64 * KIB), ("1MiB", 1024 * KIB)] {
+        let body = json_body(size);
+        let key = format!("replay-{label}");
+        rt.block_on(prime_replay(&ours, &key, false, &body));
+        group.throughput(Throughput::Bytes(body.len() as u64));
+        if size >= 1024 * KIB {
+            group.sample_size(20);
+            group.measurement_time(Duration::from_secs(4));
+        } else {
+            group.sample_size(50);
+            group.measurement_time(Duration::from_secs(2));
+        }
+        group.bench_with_input(BenchmarkId::new("bare", label), &body, |b, body| {
+            b.to_async(&rt).iter_custom(|iters| {
+                timed(&bare, "/calls", None, false, Shape::FreshKey, body, iters)
+            })
+        });
+        group.bench_with_input(
+            BenchmarkId::new("first_request", label),
+            &body,
+            |b, body| {
+                b.to_async(&rt).iter_custom(|iters| {
+                    timed(&ours, "/calls", None, false, Shape::FreshKey, body, iters)
+                })
+            },
+        );
+        group.bench_with_input(BenchmarkId::new("replay", label), &body, |b, body| {
+            b.to_async(&rt)
+                .iter_custom(|iters| timed_replay(&ours, None, &key, body, iters))
+        });
+    }
+    group.finish();
+}
+
+/// 64 requests at once on a multi-threaded runtime; the time is for all 64.
+fn contention(c: &mut Criterion) {
+    const TASKS: usize = 64;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (bare, ours) = rt.block_on(async { (bare(), ours()) });
+    let body = json_body(KIB);
+
+    async fn burst(app: &Router, body: &Bytes, one_key: bool, iters: u64) -> Duration {
+        let mut total = Duration::ZERO;
+        for _ in 0..iters {
+            let shared = fresh_key();
+            let requests: Vec<_> = (0..TASKS)
+                .map(|_| {
+                    let key = if one_key { shared.clone() } else { fresh_key() };
+                    request("/calls", Some(&key), None, body)
+                })
+                .collect();
+            let start = Instant::now();
+            let tasks: Vec<_> = requests
+                .into_iter()
+                .map(|req| {
+                    let app = app.clone();
+                    tokio::spawn(async move { send(&app, req).await.0 })
+                })
+                .collect();
+            for task in tasks {
+                std::hint::black_box(task.await.unwrap());
+            }
+            total += start.elapsed();
+        }
+        total
+    }
+
+    let mut group = c.benchmark_group("contention");
+    group.measurement_time(Duration::from_secs(3));
+    group.throughput(Throughput::Elements(TASKS as u64));
+    group.bench_function("bare_64_tasks", |b| {
+        b.to_async(&rt)
+            .iter_custom(|iters| burst(&bare, &body, false, iters))
+    });
+    group.bench_function("one_key_64_tasks", |b| {
+        b.to_async(&rt)
+            .iter_custom(|iters| burst(&ours, &body, true, iters))
+    });
+    group.bench_function("64_keys_64_tasks", |b| {
+        b.to_async(&rt)
+            .iter_custom(|iters| burst(&ours, &body, false, iters))
+    });
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().warm_up_time(Duration::from_secs(1));
+    targets = passthrough, first_request, replay, body_size, contention
+}
+criterion_main!(benches);

@@ -1,0 +1,176 @@
+//! `MemoryStore` on its own: how `begin` + `complete` scale with the number of live records,
+//! and how long a sweep of expired records takes.
+//!
+//! ```text
+//! cargo bench --bench store
+//! ```
+//!
+//! - `scaling/{1000,100000,1000000}`: one `begin` (a new key) and its `complete`, with that
+//!   many completed records already held. The records a measurement adds are given a zero TTL
+//!   and swept (untimed) every 256 operations, so the store stays at its size for the whole
+//!   run.
+//! - `sweep/{100000,1000000}`: one `MemoryStore::sweep` call that removes that many expired
+//!   records (filling the store is not timed).
+
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use criterion::{
+    BenchmarkId, Criterion, SamplingMode, Throughput, criterion_group, criterion_main,
+};
+use http::{HeaderMap, HeaderValue, StatusCode, header};
+use sha2::{Digest, Sha256};
+use tower_idempotency::{
+    IdempotencyStore, MemoryStore, StoredResponse,
+    store::{Begin, Fingerprint, StoreKey},
+};
+
+const LEASE: Duration = Duration::from_secs(60);
+const TTL: Duration = Duration::from_secs(24 * 60 * 60);
+/// Operations between two (untimed) sweeps of the records a measurement added.
+const CHUNK: u64 = 256;
+
+fn key(i: u64) -> StoreKey {
+    StoreKey(Sha256::digest(i.to_be_bytes()).into())
+}
+
+/// A response as the layer stores it: 201, two short headers, a 100-byte body.
+fn response(i: u64) -> StoredResponse {
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(
+        header::LOCATION,
+        HeaderValue::from_str(&format!("/calls/call_{i:016x}")).unwrap(),
+    );
+    let mut body = BytesMut::with_capacity(100);
+    body.extend_from_slice(&[b'x'; 100]);
+    StoredResponse {
+        status: StatusCode::CREATED,
+        headers,
+        body: body.freeze(),
+    }
+}
+
+async fn begin_complete(
+    store: &MemoryStore,
+    i: u64,
+    lease: Duration,
+    ttl: Duration,
+    body: &StoredResponse,
+) {
+    let key = key(i);
+    let Begin::Acquired(token) = store.begin(&key, &Fingerprint(key.0), lease).await.unwrap()
+    else {
+        panic!("a new key is acquired");
+    };
+    assert!(store.complete(&key, token, body, ttl).await.unwrap());
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A store that no background sweeper touches during a measurement.
+fn quiet_store() -> MemoryStore {
+    MemoryStore::builder()
+        .sweep_interval(Duration::from_secs(24 * 60 * 60))
+        .build()
+}
+
+fn scaling(c: &mut Criterion) {
+    let rt = runtime();
+    let mut group = c.benchmark_group("scaling");
+    group.measurement_time(Duration::from_secs(3));
+    group.throughput(Throughput::Elements(1));
+    for live in [1_000u64, 100_000, 1_000_000] {
+        let store = quiet_store();
+        rt.block_on(async {
+            for i in 0..live {
+                begin_complete(&store, i, LEASE, TTL, &response(i)).await;
+            }
+        });
+        // Measured keys start past the live ones.
+        let mut next = u64::MAX / 2;
+        let template = response(0);
+        group.bench_with_input(BenchmarkId::from_parameter(live), &live, |b, &live| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                let mut left = iters;
+                while left > 0 {
+                    let n = left.min(CHUNK);
+                    left -= n;
+                    let keys: Vec<u64> = (next..next + n).collect();
+                    next += n;
+                    total += rt.block_on(async {
+                        let start = Instant::now();
+                        for &i in &keys {
+                            // A zero lease and TTL behave as any other on these paths; they
+                            // only let the sweep below take the record out again.
+                            begin_complete(&store, i, Duration::ZERO, Duration::ZERO, &template)
+                                .await;
+                        }
+                        start.elapsed()
+                    });
+                    store.sweep();
+                    debug_assert_eq!(store.len() as u64, live);
+                }
+                total
+            })
+        });
+        assert_eq!(store.len() as u64, live, "the live records stayed");
+    }
+    group.finish();
+}
+
+fn sweep(c: &mut Criterion) {
+    let rt = runtime();
+    let mut group = c.benchmark_group("sweep");
+    group.sampling_mode(SamplingMode::Flat);
+    group.sample_size(10);
+    group.warm_up_time(Duration::from_millis(100));
+    group.measurement_time(Duration::from_secs(1));
+    let template = response(0);
+    for expired in [100_000u64, 1_000_000] {
+        group.throughput(Throughput::Elements(expired));
+        group.bench_with_input(
+            BenchmarkId::from_parameter(expired),
+            &expired,
+            |b, &expired| {
+                b.iter_custom(|iters| {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        let store = quiet_store();
+                        rt.block_on(async {
+                            for i in 0..expired {
+                                // Completed records whose TTL has run out; their lease entries are
+                                // not due yet, as in a store whose leases were swept long ago.
+                                begin_complete(&store, i, LEASE, Duration::ZERO, &template).await;
+                            }
+                        });
+                        assert_eq!(store.len() as u64, expired);
+                        let start = Instant::now();
+                        let removed = store.sweep();
+                        total += start.elapsed();
+                        assert_eq!(removed as u64, expired);
+                        assert!(store.is_empty());
+                    }
+                    total
+                })
+            },
+        );
+    }
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().warm_up_time(Duration::from_secs(1));
+    targets = scaling, sweep
+}
+criterion_main!(benches);
