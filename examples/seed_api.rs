@@ -30,6 +30,8 @@
 //!   retry runs again.
 //! - `GET /stats` counts the create-handler runs of your organization; a replay does not
 //!   count. `GET /agents` lists your agents.
+//! - Run two instances on one Redis (`--store redis`, two `--addr`s): a key used on one is
+//!   replayed by the other (409 while the first still runs), and the handler runs once in all.
 //!
 //! Endpoints (all need `Authorization: Bearer <api key>`; the API key is the organization):
 //!
@@ -542,10 +544,14 @@ async fn redis_store(_config: &Config) -> Result<Arc<dyn IdempotencyStore>, Stri
 
 #[cfg(feature = "redis")]
 async fn redis_store(config: &Config) -> Result<Arc<dyn IdempotencyStore>, String> {
+    use tower_idempotency::store::RedisStore;
+
     let url = redis_url(config);
-    Err(format!(
-        "--store redis ({url}): this build has no Redis store yet"
-    ))
+    // A store error's message includes its cause. Records expire in Redis by themselves.
+    let store = RedisStore::open(&url)
+        .await
+        .map_err(|error| format!("--store redis: cannot connect to Redis ({url}): {error}"))?;
+    Ok(Arc::new(store.prefix("seed_api:idempotency:")))
 }
 
 #[cfg(not(feature = "postgres"))]
