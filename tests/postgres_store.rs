@@ -192,6 +192,64 @@ async fn concurrent_begins_replace_an_expired_response_exactly_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replays_and_in_flight_answers_are_plain_reads() {
+    with_store(|store| async move {
+        let xmax = |key: StoreKey| {
+            let store = store.clone();
+            async move {
+                let statement = format!(
+                    "SELECT xmax::text FROM \"{}\" WHERE key = $1",
+                    store.table_name()
+                );
+                sqlx::query_scalar::<_, String>(AssertSqlSafe(statement))
+                    .bind(key.0.to_vec())
+                    .fetch_one(store.pool())
+                    .await
+                    .unwrap()
+            }
+        };
+        // No row lock is taken (a lock would set the row's xmax), so nothing is written.
+        let held = random_key();
+        acquire(&store, &held, &random_fingerprint(), LONG).await;
+        let done = random_key();
+        let token = acquire(&store, &done, &random_fingerprint(), LONG).await;
+        assert!(
+            store
+                .complete(&done, token, &binary_response(), LONG)
+                .await
+                .unwrap()
+        );
+        let (held_before, done_before) = (xmax(held).await, xmax(done).await);
+        for _ in 0..3 {
+            expect_in_flight(&store, &held).await;
+            expect_completed(&store, &done).await;
+        }
+        assert_eq!(
+            xmax(held).await,
+            held_before,
+            "an in-flight answer locked the row"
+        );
+        assert_eq!(xmax(done).await, done_before, "a replay locked the row");
+
+        // So a replay does not wait for a transaction that holds the row.
+        let mut holder = store.pool().begin().await.unwrap();
+        let statement = format!(
+            "SELECT 1 FROM \"{}\" WHERE key = $1 FOR UPDATE",
+            store.table_name()
+        );
+        sqlx::query(AssertSqlSafe(statement))
+            .bind(done.0.to_vec())
+            .execute(&mut *holder)
+            .await
+            .unwrap();
+        let replay = tokio::time::timeout(Duration::from_secs(10), expect_completed(&store, &done));
+        assert!(replay.await.is_ok(), "the replay waited for the row lock");
+        holder.rollback().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expiry_is_read_from_the_stored_timestamps() {
     with_store(|store| async move {
         // An in-flight lease whose stored deadline is moved into the past is taken over.

@@ -70,20 +70,28 @@ const BEGIN_ATTEMPTS: usize = 16;
 ///
 /// # Round trips
 ///
-/// | call | statements | round trips |
-/// |---|---|---|
-/// | [`begin`](IdempotencyStore::begin) | one `INSERT ... ON CONFLICT DO UPDATE ... WHERE` in a CTE that also reads the live row | 1 |
-/// | [`renew`](IdempotencyStore::renew) | one token-checked `UPDATE` | 1 |
-/// | [`complete`](IdempotencyStore::complete) | one token-checked `UPDATE` | 1 |
-/// | [`release`](IdempotencyStore::release) | one token-checked `DELETE` | 1 |
-/// | [`delete_expired`](Self::delete_expired) | one `DELETE` per batch | 1 per [`cleanup_batch`](Self::cleanup_batch) rows, plus 1 |
-/// | [`migrate`](Self::migrate) | a transaction: advisory lock, `CREATE TABLE`, `CREATE INDEX` | 5 |
+/// | call | statement | round trips | writes |
+/// |---|---|---|---|
+/// | [`begin`](IdempotencyStore::begin), new or expired key | one statement: read the live row, else `INSERT ... ON CONFLICT (key) DO UPDATE ... WHERE <expired>` | 1 | one row |
+/// | [`begin`](IdempotencyStore::begin), replay or in flight | the same statement | 1 | nothing (a plain read) |
+/// | [`renew`](IdempotencyStore::renew) | one token-checked `UPDATE` | 1 | one row |
+/// | [`complete`](IdempotencyStore::complete) | one token-checked `UPDATE` | 1 | one row |
+/// | [`release`](IdempotencyStore::release) | one token-checked `DELETE` | 1 | one row |
+/// | [`delete_expired`](Self::delete_expired) | one `DELETE` per batch | 1 per [`cleanup_batch`](Self::cleanup_batch) rows, plus 1 | the expired rows |
+/// | [`migrate`](Self::migrate) | a transaction: advisory lock, `CREATE TABLE`, `CREATE INDEX` | 5 | DDL, once |
 ///
-/// `begin` is one statement; the row is locked while PostgreSQL decides, so of many concurrent
-/// `begin` calls on one key exactly one acquires the lease. Rarely, a `begin` that conflicts
-/// with a row committed *after* its statement began cannot read that row in the same
-/// statement (its snapshot predates it); it then runs the statement once more, which sees it.
-/// That costs a second round trip only under contention on that very key.
+/// A request that runs thus costs two writes (`begin`, `complete`), each its own autocommit
+/// transaction; a replay costs one read.
+///
+/// **Why `begin` is atomic.** The statement first reads the key's row if its deadline has not
+/// passed; if there is one, it reports it and writes nothing. Otherwise it inserts a lease, and
+/// on a conflicting row `ON CONFLICT DO UPDATE ... WHERE expires_at <= now()` locks that row
+/// (waiting for any concurrent writer) and takes it over only if its latest committed version
+/// is expired. The unique key and the row lock make that decision one at a time, so of many
+/// concurrent `begin` calls on one key exactly one acquires. A `begin` that lost such a race
+/// to a row committed *after* its statement began cannot read that row in the same statement
+/// (its snapshot predates it); it then runs the statement once more, which sees it. That
+/// second round trip happens only under contention on that very key.
 ///
 /// Waiting duplicates ([`InFlight::Wait`](crate::InFlight::Wait)) poll `begin` with the
 /// layer's backoff (the default [`wait`](IdempotencyStore::wait)).
@@ -155,17 +163,26 @@ impl Statements {
             )),
             // $1 key, $2 fingerprint, $3 new token, $4 lease in microseconds.
             //
-            // `claimed` inserts a fresh lease, or takes over a row whose deadline has passed
+            // `live` reads the row if its deadline has not passed. Only when there is none
+            // does `claimed` insert a fresh lease, or take over a row whose deadline has passed
             // (ON CONFLICT locks the conflicting row, waiting for a concurrent writer, and
-            // evaluates the WHERE on its latest committed version). When it neither inserts nor
-            // updates, it returns nothing and the second SELECT reports the row instead.
+            // evaluates the WHERE on its latest committed version, so exactly one of many
+            // concurrent statements wins). A replay or an in-flight answer is thus a plain
+            // read: no row lock, no write, no commit to flush.
+            //
+            // No row at all means the conflicting row was committed (or taken over) after this
+            // statement's snapshot: run it again.
             begin: sql(format!(
-                "WITH claimed AS (
+                "WITH live AS (
+                    SELECT fingerprint, state, expires_at, response
+                    FROM {t}
+                    WHERE key = $1::bytea AND expires_at > now()
+                ), claimed AS (
                     INSERT INTO {t} AS r
                         (key, fingerprint, state, token, expires_at, response, created_at, completed_at)
-                    VALUES
-                        ($1, $2, 'in_flight', $3, now() + $4::int8 * interval '1 microsecond',
-                         NULL, now(), NULL)
+                    SELECT $1::bytea, $2::bytea, 'in_flight', $3::bytea,
+                           now() + $4::int8 * interval '1 microsecond', NULL, now(), NULL
+                    WHERE NOT EXISTS (SELECT FROM live)
                     ON CONFLICT (key) DO UPDATE SET
                         fingerprint  = excluded.fingerprint,
                         state        = 'in_flight',
@@ -184,8 +201,7 @@ impl Statements {
                 SELECT false, fingerprint, state,
                        (extract(epoch FROM expires_at - now()) * 1000000)::int8,
                        response
-                FROM {t}
-                WHERE key = $1 AND NOT EXISTS (SELECT FROM claimed)"
+                FROM live"
             )),
             // $1 key, $2 token, $3 lease in microseconds.
             renew: sql(format!(
@@ -424,7 +440,8 @@ impl PostgresStore {
             .await
             .map_err(StoreError::unavailable)?;
         let Some(row) = row else {
-            // The key conflicted (so it was not absent) but the row is not in our snapshot.
+            // The key conflicted (so it was not absent) but its live row is not in our
+            // snapshot.
             return Ok(None);
         };
         existing(&row, token)
@@ -438,8 +455,8 @@ fn existing(row: &PgRow, token: LeaseToken) -> Result<Option<Begin>, StoreError>
     }
     let remaining_us: i64 = row.try_get("remaining_us").map_err(corrupt)?;
     if remaining_us <= 0 {
-        // Our snapshot holds an expired version of a row that a concurrent `begin` has taken
-        // over since (otherwise this statement would have taken it over).
+        // `live` keeps rows with `expires_at > now()`; rounding to microseconds aside, this
+        // does not happen. Treat it as expired: run again.
         return Ok(None);
     }
     let fingerprint = Fingerprint(row.try_get("fingerprint").map_err(corrupt)?);
