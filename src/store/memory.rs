@@ -124,6 +124,7 @@ pub struct MemoryStoreBuilder {
     max_bytes: usize,
     sweep_interval: Duration,
     sweep_batch: usize,
+    background_sweep: bool,
 }
 
 impl Default for MemoryStoreBuilder {
@@ -133,6 +134,7 @@ impl Default for MemoryStoreBuilder {
             max_bytes: usize::MAX,
             sweep_interval: Duration::from_secs(1),
             sweep_batch: 1024,
+            background_sweep: true,
         }
     }
 }
@@ -158,6 +160,15 @@ impl MemoryStoreBuilder {
         self
     }
 
+    /// Whether a background task sweeps every
+    /// [`sweep_interval`](Self::sweep_interval). Default: `true`. With `false`, expired
+    /// records are still never returned, and only [`MemoryStore::sweep`] (called on your own
+    /// schedule) or a `begin` at the record bound reclaims them.
+    pub fn background_sweep(mut self, enabled: bool) -> Self {
+        self.background_sweep = enabled;
+        self
+    }
+
     /// How many expired records the sweeper removes before yielding to the scheduler.
     /// Default: 1,024; at least 1.
     pub fn sweep_batch(mut self, batch: usize) -> Self {
@@ -179,7 +190,8 @@ impl MemoryStoreBuilder {
             max_bytes: self.max_bytes,
             sweep_batch: self.sweep_batch,
             sweep_interval: self.sweep_interval,
-            sweeper_started: AtomicBool::new(false),
+            // A store without background sweeping counts as started: nothing will start it.
+            sweeper_started: AtomicBool::new(!self.background_sweep),
         });
         let store = MemoryStore { inner };
         store.ensure_sweeper();
@@ -193,7 +205,7 @@ async fn sweeper(inner: Weak<Inner>, every: Duration) {
     loop {
         tick.tick().await;
         let Some(inner) = inner.upgrade() else { return };
-        while inner.sweep_batch(Instant::now()) == inner.sweep_batch {
+        while inner.sweep_batch(Instant::now()).consumed == inner.sweep_batch {
             // A full batch: there may be more. Let requests run in between.
             tokio::task::yield_now().await;
         }
@@ -264,13 +276,21 @@ impl MemoryStore {
         let now = Instant::now();
         let mut removed = 0;
         loop {
-            let n = self.inner.sweep_batch(now);
-            removed += n;
-            if n < self.inner.sweep_batch {
+            let swept = self.inner.sweep_batch(now);
+            removed += swept.removed;
+            if swept.consumed < self.inner.sweep_batch {
                 return removed;
             }
         }
     }
+}
+
+/// What one sweep batch did.
+struct Swept {
+    /// Index entries taken off the expiry index.
+    consumed: usize,
+    /// Records removed.
+    removed: usize,
 }
 
 impl Inner {
@@ -282,10 +302,10 @@ impl Inner {
             .push(Reverse((deadline, key)));
     }
 
-    /// Removes up to `sweep_batch` records whose deadline is at or before `now`; returns how
-    /// many index entries it consumed (stale entries, whose record moved on, count too, so a
-    /// full batch means "look again").
-    fn sweep_batch(&self, now: Instant) -> usize {
+    /// Removes the records behind up to `sweep_batch` due index entries (deadline at or before
+    /// `now`). Stale entries, whose record has moved on, are consumed without removing
+    /// anything, so a full batch of consumed entries means "look again".
+    fn sweep_batch(&self, now: Instant) -> Swept {
         let mut due = Vec::new();
         for shard in &self.expiry {
             let mut heap = shard.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -299,7 +319,10 @@ impl Inner {
                 }
             }
         }
-        let consumed = due.len();
+        let mut swept = Swept {
+            consumed: due.len(),
+            removed: 0,
+        };
         for key in due {
             let removed = self
                 .map
@@ -307,9 +330,10 @@ impl Inner {
             if let Some((_, record)) = removed {
                 record.state.wake();
                 self.forget(&record.state);
+                swept.removed += 1;
             }
         }
-        consumed
+        swept
     }
 
     fn forget(&self, state: &State) {
@@ -444,7 +468,7 @@ impl IdempotencyStore for MemoryStore {
         self.ensure_sweeper();
         let outcome = self.inner.begin(key, fingerprint, lease);
         if matches!(&outcome, Err(e) if e.kind() == StoreErrorKind::Full)
-            && self.inner.sweep_batch(Instant::now()) > 0
+            && self.inner.sweep_batch(Instant::now()).removed > 0
         {
             // Expired records were waiting for the sweeper; room may have freed.
             return self.inner.begin(key, fingerprint, lease);
@@ -505,5 +529,44 @@ impl IdempotencyStore for MemoryStore {
         };
         let _ = tokio::time::timeout(timeout, notified).await;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::{HeaderMap, StatusCode};
+
+    #[tokio::test(start_paused = true)]
+    async fn sweep_counts_removed_records_not_stale_index_entries() {
+        // No background sweeps during the test: only `sweep()` removes records.
+        let store = MemoryStore::builder().background_sweep(false).build();
+        let key = StoreKey([7; 32]);
+        let fp = Fingerprint([1; 32]);
+        let Begin::Acquired(token) = store
+            .begin(&key, &fp, Duration::from_millis(300))
+            .await
+            .unwrap()
+        else {
+            panic!("absent key must be acquired");
+        };
+        let response = StoredResponse {
+            status: StatusCode::CREATED,
+            headers: HeaderMap::new(),
+            body: bytes::Bytes::from_static(b"ok"),
+        };
+        assert!(
+            store
+                .complete(&key, token, &response, Duration::from_secs(30))
+                .await
+                .unwrap()
+        );
+        tokio::time::advance(Duration::from_secs(1)).await;
+        // The lease's index entry is due but its record lives on as a completed response.
+        assert_eq!(store.sweep(), 0);
+        assert_eq!(store.len(), 1);
+        tokio::time::advance(Duration::from_secs(30)).await;
+        assert_eq!(store.sweep(), 1);
+        assert_eq!(store.len(), 0);
     }
 }
