@@ -163,22 +163,26 @@ async fn replay_keeps_every_stored_status() {
 }
 
 #[tokio::test]
-async fn content_length_on_replay_matches_the_body_even_if_the_handler_lied() {
-    // A handler that sets its own Content-Length header: the stored one is never replayed.
-    let app = Router::new()
-        .route(
-            "/calls",
-            post(|| async {
+async fn the_replay_carries_one_content_length_matching_its_body() {
+    // A bare service, not a router (axum's router would add a Content-Length of its own): the
+    // handler streams its body and declares the length itself.
+    let svc = ServiceBuilder::new()
+        .layer(IdempotencyLayer::new().post("/calls"))
+        .service(service_fn(|_req: Request<Body>| async {
+            let chunks = [
+                Ok::<_, Infallible>(Bytes::from("hel")),
+                Ok(Bytes::from("lo")),
+            ];
+            Ok::<_, Infallible>(
                 Response::builder()
                     .status(StatusCode::CREATED)
-                    .header("x-declared-length", "5")
-                    .body(Body::from("hello"))
-                    .unwrap()
-            }),
-        )
-        .layer(IdempotencyLayer::new().post("/calls"));
-    send(&app, request("/calls", Some("k-len"), "{}")).await;
-    let replay = send(&app, request("/calls", Some("k-len"), "{}")).await;
+                    .header(header::CONTENT_LENGTH, "5")
+                    .body(Body::from_stream(stream::iter(chunks)))
+                    .unwrap(),
+            )
+        }));
+    send(&svc, request("/calls", Some("k-len"), "{}")).await;
+    let replay = send(&svc, request("/calls", Some("k-len"), "{}")).await;
     assert!(replay.replayed());
     assert_eq!(replay.body, "hello");
     let lengths: Vec<_> = replay
@@ -243,6 +247,7 @@ async fn keys_are_scoped_by_path_and_method() {
         );
     let put = |path: &str| {
         keyed(Method::PUT, path, "same-key")
+            .header(header::CONTENT_TYPE, "application/json")
             .body(Body::from("{}"))
             .unwrap()
     };
@@ -575,13 +580,17 @@ async fn the_header_name_is_configurable() {
 // ---------------------------------------------------------------------------------------------
 // Limits
 
-/// An endless request body of 1 KiB chunks that counts the bytes pulled from it.
-fn endless_body(pulled: &Arc<AtomicUsize>) -> Body {
+/// A 1 MiB request body in 1 KiB chunks, without a declared length, that counts the bytes
+/// pulled from it.
+fn counted_body(pulled: &Arc<AtomicUsize>) -> Body {
     let pulled = pulled.clone();
-    Body::from_stream(stream::repeat_with(move || {
-        pulled.fetch_add(1024, Ordering::SeqCst);
-        Ok::<_, Infallible>(Bytes::from(vec![b'x'; 1024]))
-    }))
+    Body::from_stream(
+        stream::repeat_with(move || {
+            pulled.fetch_add(1024, Ordering::SeqCst);
+            Ok::<_, Infallible>(Bytes::from(vec![b'x'; 1024]))
+        })
+        .take(1024),
+    )
 }
 
 #[tokio::test(start_paused = true)]
@@ -598,7 +607,7 @@ async fn a_body_over_the_limit_gets_413_without_reading_past_the_limit() {
     // Streamed (no Content-Length): stops at the first chunk over the limit.
     let pulled = Arc::new(AtomicUsize::new(0));
     let streamed = keyed(Method::POST, "/calls", "k")
-        .body(endless_body(&pulled))
+        .body(counted_body(&pulled))
         .unwrap();
     send(&app, streamed)
         .await
@@ -610,7 +619,7 @@ async fn a_body_over_the_limit_gets_413_without_reading_past_the_limit() {
     let pulled = Arc::new(AtomicUsize::new(0));
     let declared = keyed(Method::POST, "/calls", "k2")
         .header(header::CONTENT_LENGTH, "1000000")
-        .body(endless_body(&pulled))
+        .body(counted_body(&pulled))
         .unwrap();
     send(&app, declared)
         .await
@@ -1235,6 +1244,39 @@ async fn one_trace_event_per_covered_request_with_its_outcome_and_no_secrets() {
     gate.open(1);
     within(owner).await.unwrap();
     step(take_trace(), &["executed"]);
+
+    // A response over the capture cap is sent with a warning.
+    let big = Router::new()
+        .route("/calls", post(|| async { vec![b'x'; 64] }))
+        .layer(IdempotencyLayer::new().post("/calls").max_response_body(16));
+    send(&big, request("/calls", Some(key), "{}")).await;
+    let log = take_trace();
+    assert!(
+        log.lines()
+            .any(|line| line.contains("WARN") && line.contains("capture limit")),
+        "{log}"
+    );
+    step(log, &["executed"]);
+
+    // Failing open is loud.
+    let store = TestStore::new(MemoryStore::new());
+    store.set_faults(|f| f.begin = Fault::Fail);
+    let open = Router::new()
+        .route("/calls", post(|| async { "ran" }))
+        .layer(
+            IdempotencyLayer::new()
+                .post("/calls")
+                .store(store)
+                .on_store_error(tower_idempotency::StoreFailure::FailOpen),
+        );
+    send(&open, request("/calls", Some(key), "{}")).await;
+    let log = take_trace();
+    assert!(
+        log.lines()
+            .any(|line| line.contains("WARN") && line.contains("WITHOUT idempotency protection")),
+        "{log}"
+    );
+    step(log, &["bypassed"]);
 
     for secret in [key, "slow-key", "org_a_secret"] {
         assert!(!all.contains(secret), "the trace leaks {secret:?}:\n{all}");

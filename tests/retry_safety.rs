@@ -517,14 +517,19 @@ async fn a_long_handler_keeps_its_lease_by_renewing_it() {
 #[tokio::test(start_paused = true)]
 async fn an_abandoned_lease_is_taken_over_after_it_expires_and_its_late_completion_refused() {
     let store = TestStore::new(MemoryStore::new());
+    let gate = Gate::default();
     let calls = Calls::default();
+    let g = gate.clone();
     let app = app_with(
         IdempotencyLayer::new()
             .post("/calls")
             .store(store.clone())
             .lease(Duration::from_secs(5)),
         &calls,
-        |_| async {},
+        move |_| {
+            let g = g.clone();
+            async move { g.enter().await }
+        },
     );
     // An owner acquires the lease and is gone (process killed) before completing it.
     store.set_faults(|f| f.begin = Fault::Abandon);
@@ -545,12 +550,14 @@ async fn an_abandoned_lease_is_taken_over_after_it_expires_and_its_late_completi
 
     // Once it has expired, the next request takes it over and runs.
     tokio::time::advance(Duration::from_secs(6)).await;
-    let taken = send(&app, request("/calls", Some("k"), "{}")).await;
-    assert_eq!(taken.status, StatusCode::CREATED);
-    assert!(!taken.replayed());
-    assert_eq!(calls.get(), 1);
+    let taker = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, request("/calls", Some("k"), "{}")).await }
+    });
+    gate.entered(1).await;
 
-    // The old owner comes back: every call with its token is refused.
+    // The old owner comes back while the new one runs: every call with its token is refused,
+    // and none of them disturbs the new owner's lease.
     let late = StoredResponse {
         status: StatusCode::CREATED,
         headers: HeaderMap::new(),
@@ -560,7 +567,16 @@ async fn an_abandoned_lease_is_taken_over_after_it_expires_and_its_late_completi
     assert!(!store.complete(&key, old_token, &late, ttl).await.unwrap());
     assert!(!store.renew(&key, old_token, ttl).await.unwrap());
     assert!(!store.release(&key, old_token).await.unwrap());
+    send(&app, request("/calls", Some("k"), "{}"))
+        .await
+        .assert_problem(StatusCode::CONFLICT, "in-flight");
 
+    gate.open(1);
+    let taken = within(taker).await.unwrap();
+    assert_eq!(taken.status, StatusCode::CREATED);
+    assert!(!taken.replayed());
+    assert_eq!(calls.get(), 1);
+    assert!(!store.complete(&key, old_token, &late, ttl).await.unwrap());
     let replay = send(&app, request("/calls", Some("k"), "{}")).await;
     assert!(replay.replayed());
     assert_eq!(replay.body, taken.body, "the new owner's record stands");
@@ -569,19 +585,27 @@ async fn an_abandoned_lease_is_taken_over_after_it_expires_and_its_late_completi
 #[tokio::test(start_paused = true)]
 async fn an_owner_cut_off_from_the_store_cannot_overwrite_its_successor() {
     // The first owner's renewals fail (it lost the store), so its lease runs out while it
-    // works; a retry takes over and completes; the first owner's completion is refused.
+    // works; a retry takes it over; the first owner's completion, arriving while the
+    // successor still runs, is refused.
     let store = TestStore::new(MemoryStore::new());
     store.set_faults(|f| f.renew = Fault::Fail);
+    let gate = Gate::default();
     let calls = Calls::default();
+    let g = gate.clone();
     let app = app_with(
         IdempotencyLayer::new()
             .post("/calls")
             .store(store.clone())
             .lease(Duration::from_secs(3)),
         &calls,
-        |run| async move {
-            if run == 1 {
-                tokio::time::sleep(Duration::from_secs(10)).await;
+        move |run| {
+            let g = g.clone();
+            async move {
+                if run == 1 {
+                    tokio::time::sleep(Duration::from_secs(10)).await;
+                } else {
+                    g.enter().await;
+                }
             }
         },
     );
@@ -591,9 +615,13 @@ async fn an_owner_cut_off_from_the_store_cannot_overwrite_its_successor() {
     });
     store.wait_for(|e| e.acquired == 1).await;
     tokio::time::sleep(Duration::from_secs(4)).await;
-    let second = send(&app, request("/calls", Some("k"), "{}")).await;
-    assert_eq!(second.status, StatusCode::CREATED);
-    assert_eq!(second.json()["run"], 2, "the expired lease was taken over");
+    let second = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, request("/calls", Some("k"), "{}")).await }
+    });
+    gate.entered(1).await;
+    assert_eq!(calls.get(), 2, "the expired lease was taken over");
+    store.set_faults(|f| f.renew = Fault::None);
 
     let first = within(first).await.unwrap();
     assert_eq!(
@@ -602,8 +630,14 @@ async fn an_owner_cut_off_from_the_store_cannot_overwrite_its_successor() {
         "the first client still gets its own answer"
     );
     let events = store.events();
-    assert_eq!((events.completes, events.completed), (2, 1), "{events:?}");
+    assert_eq!((events.completes, events.completed), (1, 0), "{events:?}");
+    send(&app, request("/calls", Some("k"), "{}"))
+        .await
+        .assert_problem(StatusCode::CONFLICT, "in-flight");
 
+    gate.open(1);
+    let second = within(second).await.unwrap();
+    assert_eq!(second.json()["run"], 2);
     let replay = send(&app, request("/calls", Some("k"), "{}")).await;
     assert!(replay.replayed());
     assert_eq!(replay.body, second.body);
