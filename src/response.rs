@@ -52,12 +52,19 @@ impl StoredResponse {
     /// The response to send for a replay: the stored status, headers and body, with
     /// `Content-Length` set to the body's length (omitted for 1xx, 204 and 304) and
     /// `Idempotent-Replayed: true`.
+    ///
+    /// Headers that are never stored are left out here too, whatever the record holds (a
+    /// record written by another program, or built by hand), so a replay never carries
+    /// `Set-Cookie`, a stale `Content-Length` or a hop-by-hop header.
     pub fn to_replay<B: From<Bytes>>(&self) -> Response<B> {
         let mut response = Response::new(B::from(self.body.clone()));
         *response.status_mut() = self.status;
         let headers = response.headers_mut();
         headers.reserve(self.headers.len() + 2);
         for (name, value) in &self.headers {
+            if is_never_stored(name) {
+                continue;
+            }
             headers.append(name.clone(), value.clone());
         }
         if status_allows_content_length(self.status) {
