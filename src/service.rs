@@ -502,12 +502,7 @@ where
                 headers: StoredResponse::capture_headers(&parts.headers),
                 body: bytes.clone(),
             };
-            let token = guard.token();
-            let completed = store_call(
-                &config,
-                config.store.complete(&guard.key, token, &stored, config.ttl),
-            )
-            .await;
+            let completed = complete(&config, &guard.key, guard.token(), &stored).await;
             // Whatever happened, do not release: a lease that could not be completed is left
             // to expire rather than let a retry run the handler a second time at once.
             guard.disarm();
@@ -552,6 +547,41 @@ where
     };
     trace(Outcome::Executed, &method, &path, detail);
     Ok(Response::from_parts(parts, body))
+}
+
+/// How many times a failed or timed-out `complete` is tried again.
+const COMPLETE_RETRIES: u32 = 2;
+
+/// Stores the response, trying a failed or timed-out call again twice (after 20 ms, then 40 ms).
+/// A completion lost to a passing store fault leaves the lease to expire, after which a retry
+/// would run the handler a second time; the token check keeps a repeated call harmless.
+async fn complete(
+    config: &Config,
+    key: &StoreKey,
+    token: LeaseToken,
+    stored: &StoredResponse,
+) -> Result<bool, StoreError> {
+    let mut attempt = 0;
+    loop {
+        let result = store_call(
+            config,
+            config.store.complete(key, token, stored, config.ttl),
+        )
+        .await;
+        match result {
+            Err(error)
+                if attempt < COMPLETE_RETRIES
+                    && matches!(
+                        error.kind(),
+                        StoreErrorKind::Unavailable | StoreErrorKind::Timeout
+                    ) =>
+            {
+                tokio::time::sleep(wait_slice(attempt)).await;
+                attempt += 1;
+            }
+            result => return result,
+        }
+    }
 }
 
 /// Drives `work` while renewing the guard's lease every third of the lease duration.
