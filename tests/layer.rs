@@ -636,6 +636,30 @@ async fn a_body_over_the_limit_gets_413_without_reading_past_the_limit() {
 }
 
 #[tokio::test]
+async fn a_body_that_fails_while_read_gets_400_and_nothing_runs() {
+    let calls = Calls::default();
+    let app = calls_app(IdempotencyLayer::new().post("/calls"), &calls);
+    let chunks = [
+        Ok(Bytes::from_static(b"{\"to\":")),
+        Err(io::Error::new(
+            io::ErrorKind::ConnectionReset,
+            "client went away",
+        )),
+    ];
+    let req = keyed(Method::POST, "/calls", "k")
+        .body(Body::from_stream(stream::iter(chunks)))
+        .unwrap();
+    send(&app, req)
+        .await
+        .assert_problem(StatusCode::BAD_REQUEST, "body-unreadable");
+    assert_eq!(calls.get(), 0);
+    // Nothing was recorded: the same key runs once the body arrives whole.
+    let whole = send(&app, request("/calls", Some("k"), r#"{"to":1}"#)).await;
+    assert_eq!(whole.status, StatusCode::CREATED);
+    assert!(!whole.replayed());
+}
+
+#[tokio::test]
 async fn the_handler_sees_the_buffered_body_unchanged() {
     let app = Router::new()
         .route("/calls", post(|body: Bytes| async move { body }))
