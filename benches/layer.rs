@@ -14,6 +14,7 @@
 //! - `first_request`: execute and store, a fresh key each iteration, 1 KiB JSON body.
 //! - `replay`: the same request again, answered from the store.
 //! - `body_size`: first request and replay at 1 KiB, 64 KiB and 1 MiB JSON bodies.
+//! - `fingerprint`: the body digest alone at those sizes, canonical JSON and raw.
 //! - `contention`: 64 concurrent requests on a multi-threaded runtime, all with one key or
 //!   each with its own.
 //!
@@ -446,6 +447,29 @@ fn body_size(c: &mut Criterion) {
     group.finish();
 }
 
+/// The body's share of a covered request: canonical JSON and SHA-256 (`json`), or SHA-256 of
+/// the bytes as sent (`raw`).
+fn fingerprint(c: &mut Criterion) {
+    let mut group = c.benchmark_group("fingerprint");
+    group.measurement_time(Duration::from_secs(2));
+    for (label, size) in [("1KiB", KIB), ("64KiB", 64 * KIB), ("1MiB", 1024 * KIB)] {
+        let body = json_body(size);
+        group.throughput(Throughput::Bytes(body.len() as u64));
+        if size >= 1024 * KIB {
+            group.sample_size(20);
+        } else {
+            group.sample_size(50);
+        }
+        group.bench_with_input(BenchmarkId::new("json", label), &body, |b, body| {
+            b.iter(|| tower_idempotency::fingerprint::body_digest(body, true))
+        });
+        group.bench_with_input(BenchmarkId::new("raw", label), &body, |b, body| {
+            b.iter(|| tower_idempotency::fingerprint::body_digest(body, false))
+        });
+    }
+    group.finish();
+}
+
 /// 64 requests at once on a multi-threaded runtime; the time is for all 64.
 fn contention(c: &mut Criterion) {
     const TASKS: usize = 64;
@@ -503,6 +527,6 @@ fn contention(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().warm_up_time(Duration::from_secs(1));
-    targets = passthrough, first_request, replay, body_size, contention
+    targets = passthrough, first_request, replay, body_size, fingerprint, contention
 }
 criterion_main!(benches);

@@ -18,10 +18,9 @@
 //! limit) is hashed raw, as is every other body. The body kind (JSON or raw) is a field of its
 //! own, so a raw body can never match a canonical one.
 
-use std::{borrow::Cow, fmt, ops::Range};
+use std::ops::Range;
 
 use http::{HeaderMap, Method, header};
-use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use sha2::{Digest, Sha256};
 
 use crate::{
@@ -149,148 +148,326 @@ pub fn is_json(headers: &HeaderMap) -> bool {
 /// `serde_json` parses), no whitespace, strings escaped as `serde_json` writes them, numbers as
 /// parsed, arrays in order.
 ///
-/// Written in one pass over the text as `serde_json` parses it, without building a
-/// `serde_json::Value`: each object's members are written as they come, then put in key order.
+/// One pass over the text, accepting exactly what `serde_json` accepts: the structure is read
+/// here, and every token whose canonical form is not its own text (a string with an escape
+/// sequence, a number with a fraction or an exponent, or with more than 18 digits, or `-0`) is
+/// parsed and written by `serde_json`. Each object is written as its members arrive and put in
+/// key order only when they did not arrive in it.
 pub fn canonical_json(body: &[u8]) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(body.len());
-    let mut de = serde_json::Deserializer::from_slice(body);
-    Canonical { out: &mut out }.deserialize(&mut de).ok()?;
-    de.end().ok()?;
-    Some(out)
+    let mut c = Canonicalizer {
+        input: body,
+        pos: 0,
+        out: Vec::with_capacity(body.len()),
+        members: Vec::new(),
+        scratch: Vec::new(),
+    };
+    c.skip_whitespace();
+    c.value(0)?;
+    c.skip_whitespace();
+    (c.pos == body.len()).then_some(c.out)
 }
 
-/// Writes the canonical form of the value being deserialized onto the end of `out`.
-struct Canonical<'a> {
-    out: &'a mut Vec<u8>,
+/// `serde_json`'s recursion limit: an array or object at this depth is an error.
+const MAX_DEPTH: usize = 128;
+
+struct Canonicalizer<'a> {
+    input: &'a [u8],
+    pos: usize,
+    out: Vec<u8>,
+    /// The members of the objects being written, innermost last: each key and where its
+    /// `"key":value` text lies in `out`.
+    members: Vec<(Text<'a>, Range<usize>)>,
+    /// Room to reorder one object's members.
+    scratch: Vec<u8>,
 }
 
-impl<'de> DeserializeSeed<'de> for Canonical<'_> {
-    type Value = ();
-
-    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
-        deserializer.deserialize_any(self)
-    }
-}
-
-impl<'de> Visitor<'de> for Canonical<'_> {
-    type Value = ();
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a JSON value")
+impl<'a> Canonicalizer<'a> {
+    fn peek(&self) -> Option<u8> {
+        self.input.get(self.pos).copied()
     }
 
-    fn visit_bool<E: de::Error>(self, v: bool) -> Result<(), E> {
-        write_scalar(&v, self.out);
-        Ok(())
+    fn skip_whitespace(&mut self) {
+        while let Some(b' ' | b'\n' | b'\t' | b'\r') = self.peek() {
+            self.pos += 1;
+        }
     }
 
-    fn visit_i64<E: de::Error>(self, v: i64) -> Result<(), E> {
-        write_scalar(&v, self.out);
-        Ok(())
+    fn value(&mut self, depth: usize) -> Option<()> {
+        match self.peek()? {
+            b'{' => self.object(depth + 1),
+            b'[' => self.array(depth + 1),
+            b'"' => {
+                let text = self.string()?;
+                text.write(&mut self.out);
+                Some(())
+            }
+            b't' => self.literal(b"true"),
+            b'f' => self.literal(b"false"),
+            b'n' => self.literal(b"null"),
+            b'-' | b'0'..=b'9' => self.number(),
+            _ => None,
+        }
     }
 
-    fn visit_u64<E: de::Error>(self, v: u64) -> Result<(), E> {
-        write_scalar(&v, self.out);
-        Ok(())
+    fn literal(&mut self, word: &[u8]) -> Option<()> {
+        let end = self.pos + word.len();
+        (self.input.get(self.pos..end)? == word).then_some(())?;
+        self.pos = end;
+        self.out.extend_from_slice(word);
+        Some(())
     }
 
-    fn visit_f64<E: de::Error>(self, v: f64) -> Result<(), E> {
-        write_scalar(&v, self.out);
-        Ok(())
-    }
-
-    fn visit_str<E: de::Error>(self, v: &str) -> Result<(), E> {
-        write_scalar(v, self.out);
-        Ok(())
-    }
-
-    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
-        self.out.extend_from_slice(b"null");
-        Ok(())
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        self.out.push(b'[');
-        let mut first = true;
+    /// A string token; borrowed from the text when it has no escape sequence.
+    fn string(&mut self) -> Option<Text<'a>> {
+        let input = self.input;
+        let start = self.pos + 1;
+        let (mut i, ascii) = plain_run(input, start);
+        if *input.get(i)? == b'"' {
+            let text = &input[start..i];
+            if !ascii {
+                std::str::from_utf8(text).ok()?;
+            }
+            self.pos = i + 1;
+            return Some(Text::Plain(text));
+        }
+        // An escape sequence (or a control character, which serde_json rejects below): find the
+        // closing quote, then let serde_json decode the token.
         loop {
-            let before = self.out.len();
-            if !first {
-                self.out.push(b',');
+            match *input.get(i)? {
+                b'"' => break,
+                b'\\' => i += 2,
+                _ => i += 1,
             }
-            if seq
-                .next_element_seed(Canonical { out: self.out })?
-                .is_none()
-            {
-                self.out.truncate(before);
-                break;
-            }
-            first = false;
         }
-        self.out.push(b']');
-        Ok(())
+        let decoded: String = serde_json::from_slice(&input[self.pos..=i]).ok()?;
+        self.pos = i + 1;
+        Some(Text::Decoded(decoded))
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        // Each value is written in arrival order after `base`; then the members are laid out
-        // again in key order.
-        let base = self.out.len();
-        let mut members: Vec<(Cow<'de, str>, Range<usize>)> = Vec::new();
-        while let Some(key) = map.next_key_seed(Key)? {
-            let start = self.out.len() - base;
-            map.next_value_seed(Canonical { out: self.out })?;
-            members.push((key, start..self.out.len() - base));
+    fn number(&mut self) -> Option<()> {
+        let input = self.input;
+        let start = self.pos;
+        let digits = |mut i: usize| {
+            while let Some(b'0'..=b'9') = input.get(i) {
+                i += 1;
+            }
+            i
+        };
+        let mut i = start;
+        if input[i] == b'-' {
+            i += 1;
         }
-        // A stable sort keeps duplicates in arrival order; the last of each run wins.
-        members.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
-        let values = self.out.split_off(base);
+        i = match input.get(i)? {
+            b'0' => i + 1,
+            b'1'..=b'9' => digits(i + 1),
+            _ => return None,
+        };
+        let integer_len = i - start;
+        let mut plain = true;
+        if input.get(i) == Some(&b'.') {
+            plain = false;
+            let end = digits(i + 1);
+            (end > i + 1).then_some(())?;
+            i = end;
+        }
+        if let Some(b'e' | b'E') = input.get(i) {
+            plain = false;
+            i += 1;
+            if let Some(b'+' | b'-') = input.get(i) {
+                i += 1;
+            }
+            let end = digits(i);
+            (end > i).then_some(())?;
+            i = end;
+        }
+        let token = &input[start..i];
+        self.pos = i;
+        if plain && integer_len <= 18 && token != b"-0" {
+            // Fits an i64 (or u64), which serde_json writes back digit for digit.
+            self.out.extend_from_slice(token);
+        } else {
+            let number: serde_json::Number = serde_json::from_slice(token).ok()?;
+            write_scalar(&number, &mut self.out);
+        }
+        Some(())
+    }
+
+    fn array(&mut self, depth: usize) -> Option<()> {
+        if depth >= MAX_DEPTH {
+            return None;
+        }
+        self.pos += 1;
+        self.out.push(b'[');
+        self.skip_whitespace();
+        if self.peek()? == b']' {
+            self.pos += 1;
+            self.out.push(b']');
+            return Some(());
+        }
+        loop {
+            self.value(depth)?;
+            self.skip_whitespace();
+            match self.peek()? {
+                b',' => {
+                    self.pos += 1;
+                    self.out.push(b',');
+                    self.skip_whitespace();
+                }
+                b']' => {
+                    self.pos += 1;
+                    self.out.push(b']');
+                    return Some(());
+                }
+                _ => return None,
+            }
+        }
+    }
+
+    fn object(&mut self, depth: usize) -> Option<()> {
+        if depth >= MAX_DEPTH {
+            return None;
+        }
+        self.pos += 1;
+        let open = self.out.len();
         self.out.push(b'{');
-        let mut first = true;
-        for (i, (key, range)) in members.iter().enumerate() {
-            if members.get(i + 1).is_some_and(|(next, _)| next == key) {
-                continue;
+        self.skip_whitespace();
+        if self.peek()? == b'}' {
+            self.pos += 1;
+            self.out.push(b'}');
+            return Some(());
+        }
+        let base = self.members.len();
+        loop {
+            if self.peek()? != b'"' {
+                return None;
             }
-            if !first {
+            let key = self.string()?;
+            self.skip_whitespace();
+            if self.peek()? != b':' {
+                return None;
+            }
+            self.pos += 1;
+            self.skip_whitespace();
+            if self.members.len() > base {
                 self.out.push(b',');
             }
-            first = false;
-            write_scalar(key.as_ref(), self.out);
+            let start = self.out.len();
+            key.write(&mut self.out);
             self.out.push(b':');
-            self.out.extend_from_slice(&values[range.clone()]);
+            self.value(depth)?;
+            self.members.push((key, start..self.out.len()));
+            self.skip_whitespace();
+            match self.peek()? {
+                b',' => {
+                    self.pos += 1;
+                    self.skip_whitespace();
+                }
+                b'}' => {
+                    self.pos += 1;
+                    break;
+                }
+                _ => return None,
+            }
         }
-        self.out.push(b'}');
-        Ok(())
+        let Self {
+            out,
+            members,
+            scratch,
+            ..
+        } = self;
+        let object = &mut members[base..];
+        let in_order = object
+            .windows(2)
+            .all(|pair| pair[0].0.as_bytes() < pair[1].0.as_bytes());
+        if !in_order {
+            // A stable sort keeps duplicates in arrival order; the last of each run wins.
+            object.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+            scratch.clear();
+            scratch.extend_from_slice(&out[open..]);
+            out.truncate(open + 1);
+            let mut first = true;
+            for (i, (key, range)) in object.iter().enumerate() {
+                if object
+                    .get(i + 1)
+                    .is_some_and(|(next, _)| next.as_bytes() == key.as_bytes())
+                {
+                    continue;
+                }
+                if !first {
+                    out.push(b',');
+                }
+                first = false;
+                out.extend_from_slice(&scratch[range.start - open..range.end - open]);
+            }
+        }
+        out.push(b'}');
+        members.truncate(base);
+        Some(())
     }
 }
 
-/// An object key, borrowed from the text when it has no escapes.
-struct Key;
+/// The content of a string token.
+enum Text<'a> {
+    /// Straight from the text: the token had no escape sequence, so it holds no `"`, no `\\`
+    /// and no control character, and needs no escaping.
+    Plain(&'a [u8]),
+    /// Decoded by serde_json.
+    Decoded(String),
+}
 
-impl<'de> DeserializeSeed<'de> for Key {
-    type Value = Cow<'de, str>;
+impl Text<'_> {
+    fn as_bytes(&self) -> &[u8] {
+        match self {
+            Text::Plain(text) => text,
+            Text::Decoded(text) => text.as_bytes(),
+        }
+    }
 
-    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
-        deserializer.deserialize_str(self)
+    /// Writes the string as serde_json does (a plain one is written as it came).
+    fn write(&self, out: &mut Vec<u8>) {
+        match self {
+            Text::Plain(text) => {
+                out.reserve(text.len() + 2);
+                out.push(b'"');
+                out.extend_from_slice(text);
+                out.push(b'"');
+            }
+            Text::Decoded(text) => write_scalar(text.as_str(), out),
+        }
     }
 }
 
-impl<'de> Visitor<'de> for Key {
-    type Value = Cow<'de, str>;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("an object key")
+/// From `i`, the end of the run of string bytes that need no escaping (the index of the first
+/// `"`, `\\` or control character, or the end of the input), and whether the run is all ASCII.
+/// Eight bytes at a time, with the usual bit tricks.
+fn plain_run(input: &[u8], mut i: usize) -> (usize, bool) {
+    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
+    const HIGH: u64 = u64::from_ne_bytes([0x80; 8]);
+    // Non-zero when some byte of `x` is zero.
+    let zero_byte = |x: u64| x.wrapping_sub(ONES) & !x & HIGH;
+    let mut seen = 0u64;
+    while let Some(chunk) = input.get(i..i + 8) {
+        let x = u64::from_ne_bytes(chunk.try_into().expect("eight bytes"));
+        let control = x.wrapping_sub(ONES * 0x20) & !x & HIGH;
+        if control
+            | zero_byte(x ^ (ONES * u64::from(b'"')))
+            | zero_byte(x ^ (ONES * u64::from(b'\\')))
+            != 0
+        {
+            break;
+        }
+        seen |= x;
+        i += 8;
     }
-
-    fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
-        Ok(Cow::Borrowed(v))
+    let mut seen_byte = 0u8;
+    while let Some(&b) = input.get(i) {
+        if b == b'"' || b == b'\\' || b < 0x20 {
+            break;
+        }
+        seen_byte |= b;
+        i += 1;
     }
-
-    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-        Ok(Cow::Owned(v.to_owned()))
-    }
-
-    fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
-        Ok(Cow::Owned(v))
-    }
+    (i, seen & HIGH == 0 && seen_byte < 0x80)
 }
 
 fn write_scalar<T: serde::Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) {
@@ -372,6 +549,10 @@ mod tests {
             r#"["\ud83d\ude00","\u0000\t\n\"\\/","é😀"]"#,
             "[1.0, 1e2, 1E-7, -0, -0.0, 0.1, 12345678901234567890, 18446744073709551616, -9223372036854775809]",
             "[1e400]",
+            "[0, -1, 123456789012345678, -123456789012345678, 1234567890123456789, -1234567890123456789]",
+            r#"{"b":{"d":1,"c":2},"a":[{"z":1,"y":2}],"c":"\\"}"#,
+            r#"{"\u0062":1,"a":2,"b":3}"#,
+            "[\"\u{7f}\", \"\\u00\", \"\\x\", \"\\\"]",
             r#"["\ud800"]"#,
             "  {\"a\" : [ true , false , null ] }  ",
             "{} ",
@@ -387,6 +568,16 @@ mod tests {
         .into_iter()
         .map(String::from)
         .chain([nested(127), nested(128), nested(129)])
+        .chain(
+            [
+                "9223372036854775807", "-9223372036854775808", "18446744073709551615", "00",
+                "01", "-", "-a", "1.", ".5", "+1", "1e", "1e+", "2E-0", "1.5e3", "0e0", "-0e0",
+                "0.0", "1E+2", "100000000000000000000000", "123.456e-789", "tru", "nul", "fals",
+                "truee", "nulll", "1 2", "[1 2]", "{\"a\" 1}", "{\"a\":1 \"b\":2}", "{1:2}",
+            ]
+            .into_iter()
+            .flat_map(|token| [token.to_owned(), format!("[{token}]"), format!("{{\"k\":{token}}}")]),
+        )
         .collect();
         for case in &cases {
             assert_eq!(
@@ -433,6 +624,30 @@ mod tests {
     }
 
     proptest::proptest! {
+        /// Accepts and rejects exactly what serde_json does, on near-JSON text.
+        #[test]
+        fn canonical_json_accepts_what_the_reference_accepts(
+            text in r#"[\[\]{}",: 0-9eE.+\-a\\u\ttrufalsn\x00\x7fé]{0,24}"#,
+        ) {
+            proptest::prop_assert_eq!(canonical_json(text.as_bytes()), reference(text.as_bytes()));
+        }
+
+        /// The same on JSON documents with one byte changed.
+        #[test]
+        fn canonical_json_matches_the_reference_on_damaged_json(
+            value in json_value(),
+            at: proptest::sample::Index,
+            byte in proptest::prop_oneof![
+                proptest::sample::select(b"[]{}\",:\\.-+eE0 tn".to_vec()),
+                proptest::prelude::any::<u8>(),
+            ],
+        ) {
+            let mut text = serde_json::to_vec(&value).unwrap();
+            let at = at.index(text.len());
+            text[at] = byte;
+            proptest::prop_assert_eq!(canonical_json(&text), reference(&text));
+        }
+
         #[test]
         fn canonical_json_matches_the_reference(value in json_value(), pretty: bool) {
             let text = if pretty {

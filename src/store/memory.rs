@@ -91,6 +91,27 @@ enum State {
     },
 }
 
+impl Record {
+    /// What `begin` reports for this record at `now`, unless it has expired.
+    fn live(&self, now: Instant) -> Option<Begin> {
+        match &self.state {
+            State::InFlight { expires_at, .. } if *expires_at > now => Some(Begin::InFlight {
+                fingerprint: self.fingerprint,
+                lease_remaining: *expires_at - now,
+            }),
+            State::Completed {
+                response,
+                expires_at,
+                ..
+            } if *expires_at > now => Some(Begin::Completed {
+                fingerprint: self.fingerprint,
+                response: response.clone(),
+            }),
+            _ => None,
+        }
+    }
+}
+
 impl State {
     fn expires_at(&self) -> Instant {
         match self {
@@ -308,7 +329,9 @@ impl Inner {
     fn sweep_batch(&self, now: Instant) -> Swept {
         let mut due = Vec::new();
         for shard in &self.expiry {
-            let mut heap = shard.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut heap = shard
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
             while due.len() < self.sweep_batch {
                 match heap.peek() {
                     Some(Reverse((deadline, _))) if *deadline <= now => {
@@ -353,6 +376,11 @@ impl Inner {
         lease: Duration,
     ) -> Result<Begin, StoreError> {
         let now = Instant::now();
+        // A replay or a duplicate needs no token: look first, under the shard's read lock, so
+        // that only a request that may acquire draws one (a system call).
+        if let Some(found) = self.map.get(key).and_then(|record| record.live(now)) {
+            return Ok(found);
+        }
         let expires_at = now + lease;
         let token = LeaseToken::random();
         let fresh = State::InFlight {
@@ -363,24 +391,9 @@ impl Inner {
         match self.map.entry(*key) {
             Entry::Occupied(mut occupied) => {
                 let record = occupied.get_mut();
-                match &record.state {
-                    State::InFlight { expires_at, .. } if *expires_at > now => {
-                        return Ok(Begin::InFlight {
-                            fingerprint: record.fingerprint,
-                            lease_remaining: *expires_at - now,
-                        });
-                    }
-                    State::Completed {
-                        response,
-                        expires_at,
-                        ..
-                    } if *expires_at > now => {
-                        return Ok(Begin::Completed {
-                            fingerprint: record.fingerprint,
-                            response: response.clone(),
-                        });
-                    }
-                    _ => {
+                match record.live(now) {
+                    Some(found) => return Ok(found),
+                    None => {
                         // Expired lease or response: take it over.
                         let old = std::mem::replace(&mut record.state, fresh);
                         record.fingerprint = *fingerprint;
@@ -522,7 +535,10 @@ impl IdempotencyStore for MemoryStore {
                 } if *expires_at > Instant::now() => {
                     // Created under the shard lock, so a completion after this point wakes it
                     // even before it is first polled (tokio's `Notify` guarantee).
-                    notify.get_or_insert_with(Default::default).clone().notified_owned()
+                    notify
+                        .get_or_insert_with(Default::default)
+                        .clone()
+                        .notified_owned()
                 }
                 _ => return Ok(()),
             }
