@@ -18,7 +18,10 @@
 //! limit) is hashed raw, as is every other body. The body kind (JSON or raw) is a field of its
 //! own, so a raw body can never match a canonical one.
 
-use std::ops::Range;
+use std::{
+    ops::Range,
+    sync::{LazyLock, Mutex},
+};
 
 use http::{HeaderMap, Method, header};
 use sha2::{Digest, Sha256};
@@ -120,6 +123,74 @@ pub fn body_digest(body: &[u8], json: bool) -> (BodyKind, [u8; 32]) {
         }
     }
     (BodyKind::Raw, Sha256::digest(body).into())
+}
+
+/// [`body_digest`], remembered for JSON bodies: a retry usually repeats its body byte for byte,
+/// and then skips canonicalization. The memory is keyed by SHA-256 over the caller's scope and
+/// the body as sent, so a caller never learns (by timing) what bodies another caller sent.
+pub(crate) fn body_digest_remembered(
+    scope: &Scope,
+    body: &[u8],
+    json: bool,
+) -> (BodyKind, [u8; 32]) {
+    if !json {
+        return body_digest(body, false);
+    }
+    let mut sent = Fields::new(MEMO_VERSION);
+    sent.push(1, scope.as_bytes());
+    sent.push(9, body);
+    let sent = sent.finish();
+    if let Some(digest) = CANONICAL_DIGESTS.get(&sent) {
+        return (BodyKind::Json, digest);
+    }
+    let (kind, digest) = body_digest(body, true);
+    if kind == BodyKind::Json {
+        CANONICAL_DIGESTS.put(sent, digest);
+    }
+    (kind, digest)
+}
+
+const MEMO_VERSION: &[u8] = b"tower-idempotency/json-memo/v1";
+
+/// Slots of [`CANONICAL_DIGESTS`]: 4,096 of 72 bytes, about 290 KiB, allocated on first use.
+const MEMO_SLOTS: usize = 4096;
+
+/// Canonical digests of recent JSON bodies, by their [`body_digest_remembered`] key; shared by
+/// every layer in the process.
+static CANONICAL_DIGESTS: LazyLock<DigestMemo> = LazyLock::new(DigestMemo::new);
+
+/// A fixed table of `(key, digest)` slots, each chosen by the key's first bytes; a newer key
+/// takes the slot of an older one. An all-zero key marks an empty slot (SHA-256 never gives it
+/// in practice).
+struct DigestMemo {
+    slots: Box<[Mutex<([u8; 32], [u8; 32])>]>,
+}
+
+impl DigestMemo {
+    fn new() -> Self {
+        Self {
+            slots: (0..MEMO_SLOTS)
+                .map(|_| Mutex::new(([0; 32], [0; 32])))
+                .collect(),
+        }
+    }
+
+    fn slot(&self, key: &[u8; 32]) -> std::sync::MutexGuard<'_, ([u8; 32], [u8; 32])> {
+        let index = usize::from(u16::from_le_bytes([key[0], key[1]])) % MEMO_SLOTS;
+        // The slot holds plain bytes; a panic elsewhere cannot leave it half written.
+        self.slots[index]
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn get(&self, key: &[u8; 32]) -> Option<[u8; 32]> {
+        let slot = self.slot(key);
+        (slot.0 == *key).then_some(slot.1)
+    }
+
+    fn put(&self, key: [u8; 32], digest: [u8; 32]) {
+        *self.slot(&key) = (key, digest);
+    }
 }
 
 /// Whether `headers` declare a JSON body: `Content-Type` `application/json` or a `+json`
@@ -656,6 +727,29 @@ mod tests {
                 serde_json::to_vec(&value).unwrap()
             };
             proptest::prop_assert_eq!(canonical_json(&text), reference(&text));
+        }
+    }
+
+    #[test]
+    fn remembered_digests_are_the_digests() {
+        let alice = Scope::new("alice");
+        let bob = Scope::new("bob");
+        // More bodies than the memory has slots, twice over: misses, hits and evictions.
+        let bodies: Vec<Vec<u8>> = (0..2 * MEMO_SLOTS)
+            .map(|i| format!(r#"{{"n": {i}, "a": [true]}}"#).into_bytes())
+            .chain([b"{not json".to_vec(), b"plain text".to_vec()])
+            .collect();
+        for _ in 0..2 {
+            for body in &bodies {
+                for scope in [&alice, &bob] {
+                    for json in [true, false] {
+                        assert_eq!(
+                            body_digest_remembered(scope, body, json),
+                            body_digest(body, json)
+                        );
+                    }
+                }
+            }
         }
     }
 
