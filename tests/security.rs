@@ -306,6 +306,102 @@ async fn raw_credentials_cookies_and_keys_never_appear_in_the_trace() {
     }
 }
 
+/// A memory store whose `begin` (while `fail_begin` is set) and `complete` fail with a driver
+/// error that names the store's URL and password, as some drivers' errors do.
+struct LeakyErrors {
+    inner: MemoryStore,
+    fail_begin: std::sync::atomic::AtomicBool,
+}
+
+const STORE_PASSWORD: &str = "hunter2STOREPASSWORD";
+
+fn leaky_error() -> StoreError {
+    let driver = io::Error::other(format!(
+        "connecting to redis://:{STORE_PASSWORD}@10.0.0.7:6379 refused"
+    ));
+    StoreError::unavailable(driver)
+}
+
+#[tower_idempotency::async_trait]
+impl IdempotencyStore for LeakyErrors {
+    async fn begin(
+        &self,
+        key: &StoreKey,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+    ) -> Result<Begin, StoreError> {
+        if self.fail_begin.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(leaky_error());
+        }
+        self.inner.begin(key, fingerprint, lease).await
+    }
+
+    async fn renew(
+        &self,
+        key: &StoreKey,
+        token: LeaseToken,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        self.inner.renew(key, token, lease).await
+    }
+
+    async fn complete(
+        &self,
+        _: &StoreKey,
+        _: LeaseToken,
+        _: &StoredResponse,
+        _: Duration,
+    ) -> Result<bool, StoreError> {
+        Err(leaky_error())
+    }
+
+    async fn release(&self, key: &StoreKey, token: LeaseToken) -> Result<bool, StoreError> {
+        self.inner.release(key, token).await
+    }
+}
+
+/// A store error's cause (a driver error that may name the store's URL and password) reaches
+/// neither the client, whose 503 says only that the store is unavailable, nor the trace, which
+/// writes the error's message and leaves its `source()` to whoever wants to walk it.
+#[tokio::test(start_paused = true)]
+async fn store_errors_reach_neither_clients_nor_the_trace_with_their_cause() {
+    capture_trace();
+    let store = Arc::new(LeakyErrors {
+        inner: MemoryStore::new(),
+        fail_begin: std::sync::atomic::AtomicBool::new(true),
+    });
+    let calls = Calls::default();
+    let app = app(
+        IdempotencyLayer::new()
+            .post("/calls")
+            .store_arc(store.clone()),
+        &calls,
+        &Gate::default(),
+    );
+    let refused = send(&app, request("/calls", Some("k1"), "{}")).await;
+    refused.assert_problem(StatusCode::SERVICE_UNAVAILABLE, "store-unavailable");
+    store
+        .fail_begin
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let unstored = send(&app, request("/calls", Some("k2"), "{}")).await;
+    assert_eq!(unstored.status, StatusCode::CREATED);
+
+    let trace = take_trace();
+    assert!(trace.contains("WARN") && trace.contains("ERROR"), "{trace}");
+    for shown in [&refused.body[..], &unstored.body[..], trace.as_bytes()] {
+        assert!(
+            !holds(shown, STORE_PASSWORD),
+            "{}",
+            String::from_utf8_lossy(shown)
+        );
+        assert!(
+            !holds(shown, "10.0.0.7"),
+            "{}",
+            String::from_utf8_lossy(shown)
+        );
+    }
+}
+
 #[test]
 fn keys_scopes_and_lease_tokens_are_redacted_in_debug_output() {
     let key = IdempotencyKey::parse(SECRET_KEY.as_bytes()).unwrap();
