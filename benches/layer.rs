@@ -10,8 +10,11 @@
 //! Groups (every one has its `bare` baseline: the same router and handler with no layer):
 //!
 //! - `passthrough`: a POST to an unlisted route, and a POST to a listed route with no key;
-//!   `axum_idempotent_no_key` is the peer's own pass-through (its key-header mode, no key).
-//! - `first_request`: execute and store, a fresh key each iteration, 1 KiB JSON body.
+//!   `axum_idempotent_no_key` is the peer's own pass-through (its key-header mode, no key);
+//!   `bare_noop_layer` is the bare router with a layer that does nothing (axum's own cost of a
+//!   layer).
+//! - `first_request`: execute and store, a fresh key and a new body (one field changed) each
+//!   iteration, 1 KiB JSON body.
 //! - `replay`: the same request again, answered from the store.
 //! - `body_size`: first request and replay at 1 KiB, 64 KiB and 1 MiB JSON bodies.
 //! - `fingerprint`: the body digest alone at those sizes, canonical JSON and raw.
@@ -77,6 +80,12 @@ fn routes() -> Router {
 
 fn bare() -> Router {
     routes()
+}
+
+/// The bare router with a layer that does nothing: what axum charges for any layer (each
+/// route's service is wrapped, boxed and cloned per request).
+fn noop_layer() -> Router {
+    routes().layer(tower::layer::layer_fn(|service| service))
 }
 
 /// Our layer as the reference API uses it: router-wide, with an allow-list.
@@ -148,7 +157,7 @@ async fn new_session(app: &Router) -> HeaderValue {
 /// A JSON body of about `size` bytes: a few fields (keys out of order) and a list of items.
 fn json_body(size: usize) -> Bytes {
     let mut out = String::from(
-        r#"{"to":"+15550100","agent_id":"agent_8f14e45fceea167a","metadata":{"priority":3,"campaign":"spring"},"items":["#,
+        r#"{"ref":"0000000000000000","to":"+15550100","agent_id":"agent_8f14e45fceea167a","metadata":{"priority":3,"campaign":"spring"},"items":["#,
     );
     let mut i = 0;
     loop {
@@ -165,6 +174,13 @@ fn json_body(size: usize) -> Bytes {
     }
     out.push_str("]}");
     Bytes::from(out)
+}
+
+/// `body` (from [`json_body`]) with its `ref` field set to `n`: a new request's body.
+fn unique_body(body: &Bytes, n: u64) -> Bytes {
+    let mut unique = body.to_vec();
+    unique[8..24].copy_from_slice(format!("{n:016x}").as_bytes());
+    Bytes::from(unique)
 }
 
 fn request(
@@ -205,9 +221,11 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-fn fresh_key() -> String {
+/// A key never used before, and its number.
+fn fresh_key() -> (String, u64) {
     static NEXT: AtomicU64 = AtomicU64::new(0);
-    format!("bench-{:016x}", NEXT.fetch_add(1, Ordering::Relaxed))
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    (format!("bench-{n:016x}"), n)
 }
 
 /// What one timed request is made of.
@@ -239,15 +257,13 @@ async fn timed(
         {
             cookie = Some(new_session(app).await);
         }
-        let fresh;
-        let key = match shape {
-            Shape::Same => key,
+        let req = match shape {
+            Shape::Same => request(path, key, cookie.as_ref(), body),
             Shape::FreshKey => {
-                fresh = fresh_key();
-                Some(fresh.as_str())
+                let (key, n) = fresh_key();
+                request(path, Some(&key), cookie.as_ref(), &unique_body(body, n))
             }
         };
-        let req = request(path, key, cookie.as_ref(), body);
         let start = Instant::now();
         let response = send(app, req).await;
         total += start.elapsed();
@@ -304,7 +320,8 @@ async fn timed_replay(
 
 fn passthrough(c: &mut Criterion) {
     let rt = runtime();
-    let (bare, ours, peer_key) = rt.block_on(async { (bare(), ours(), peer(true)) });
+    let (bare, noop, ours, peer_key) =
+        rt.block_on(async { (bare(), noop_layer(), ours(), peer(true)) });
     let body = json_body(KIB);
     let mut group = c.benchmark_group("passthrough");
     group.measurement_time(Duration::from_secs(3));
@@ -313,6 +330,19 @@ fn passthrough(c: &mut Criterion) {
         b.to_async(&rt).iter_custom(|iters| {
             timed(
                 &bare,
+                "/voices",
+                Some("unlisted-key"),
+                false,
+                Shape::Same,
+                &body,
+                iters,
+            )
+        })
+    });
+    group.bench_function("bare_noop_layer", |b| {
+        b.to_async(&rt).iter_custom(|iters| {
+            timed(
+                &noop,
                 "/voices",
                 Some("unlisted-key"),
                 false,
@@ -352,8 +382,8 @@ fn first_request(c: &mut Criterion) {
     let body = json_body(KIB);
     rt.block_on(async {
         // The peer caches first requests in this setup.
-        prime_replay(&peer_hash, &fresh_key(), true, &body).await;
-        prime_replay(&ours, &fresh_key(), false, &body).await;
+        prime_replay(&peer_hash, &fresh_key().0, true, &body).await;
+        prime_replay(&ours, &fresh_key().0, false, &body).await;
     });
     let mut group = c.benchmark_group("first_request");
     group.measurement_time(Duration::from_secs(3));
@@ -486,8 +516,8 @@ fn contention(c: &mut Criterion) {
             let shared = fresh_key();
             let requests: Vec<_> = (0..TASKS)
                 .map(|_| {
-                    let key = if one_key { shared.clone() } else { fresh_key() };
-                    request("/calls", Some(&key), None, body)
+                    let (key, n) = if one_key { shared.clone() } else { fresh_key() };
+                    request("/calls", Some(&key), None, &unique_body(body, n))
                 })
                 .collect();
             let start = Instant::now();

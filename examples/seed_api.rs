@@ -113,6 +113,10 @@ pub struct Config {
     /// postgres://postgres@127.0.0.1:5432/test].
     #[arg(long)]
     pub database_url: Option<String>,
+    /// Serve the same API without the idempotency layer: the baseline of
+    /// `benches/http.sh`. Never for real use: retries then run twice.
+    #[arg(long)]
+    pub no_idempotency: bool,
 }
 
 impl Default for Config {
@@ -292,9 +296,13 @@ pub fn app_with_store(config: &Config, store: Arc<dyn IdempotencyStore>) -> Rout
             );
         }
     }
+    let router = router.fallback(not_found);
+    let router = if config.no_idempotency {
+        router
+    } else {
+        router.layer(idempotency_layer(config, store))
+    };
     router
-        .fallback(not_found)
-        .layer(idempotency_layer(config, store))
         // The handlers take whatever the idempotency layer lets through.
         .layer(DefaultBodyLimit::max(config.max_body_bytes))
         .layer(middleware::from_fn(auth))
