@@ -757,3 +757,34 @@ async fn deeply_nested_json_neither_overflows_nor_breaks_replay() {
     assert!(again.replayed());
     assert_eq!(calls.get(), 2);
 }
+
+/// Found by the `canonical_json` fuzz target: canonical JSON was not a fixed point. A long
+/// integer (past `u64`) is read as an `f64`, and `serde_json`'s default float parsing is not
+/// correctly rounded: `9999667799976999199999` was read as one `f64`, written as
+/// `9.999667799976999e21`, and that text read back as another. So a retry whose encoder wrote
+/// the number the other way was not the same request, and ran again. With correctly rounded
+/// parsing (`serde_json`'s `float_roundtrip`), every number's canonical text reads back as the
+/// same number.
+#[test]
+fn fuzz_canonical_json_a_long_integer_canonicalizes_to_a_fixed_point() {
+    use tower_idempotency::fingerprint::{body_digest, canonical_json};
+
+    let input = b"9999667799976999199999";
+    let canonical = canonical_json(input).unwrap();
+    assert_eq!(canonical_json(&canonical).as_deref(), Some(&canonical[..]));
+    assert_eq!(body_digest(input, true), body_digest(&canonical, true));
+    for text in [
+        "0.1",
+        "1e23",
+        "8.98846567431158e307",
+        "2.2250738585072014e-308",
+        "123456789012345678901234567890",
+    ] {
+        let canonical = canonical_json(text.as_bytes()).unwrap();
+        assert_eq!(
+            canonical_json(&canonical).as_deref(),
+            Some(&canonical[..]),
+            "{text}"
+        );
+    }
+}
