@@ -85,7 +85,9 @@ enum State {
         notify: Option<Arc<Notify>>,
     },
     Completed {
-        response: StoredResponse,
+        /// Boxed, so that a map slot (and an in-flight record) stays small: 112 bytes rather
+        /// than 240, which keeps a large map's probes to fewer cache lines.
+        response: Box<StoredResponse>,
         weight: usize,
         expires_at: Instant,
     },
@@ -105,7 +107,7 @@ impl Record {
                 ..
             } if *expires_at > now => Some(Begin::Completed {
                 fingerprint: self.fingerprint,
-                response: response.clone(),
+                response: StoredResponse::clone(response),
             }),
             _ => None,
         }
@@ -514,7 +516,7 @@ impl IdempotencyStore for MemoryStore {
         Ok(self.inner.with_owned_lease(key, token, || {
             Some(State::Completed {
                 weight: response.weight(),
-                response: response.clone(),
+                response: Box::new(response.clone()),
                 expires_at: Instant::now() + ttl,
             })
         }))
