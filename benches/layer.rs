@@ -14,7 +14,9 @@
 //!   `bare_noop_layer` is the bare router with a layer that does nothing (axum's own cost of a
 //!   layer).
 //! - `first_request`: execute and store, a fresh key and a new body (one field changed) each
-//!   iteration, 1 KiB JSON body.
+//!   iteration, 1 KiB JSON body; also ours with the body sent as `text/plain` (hashed as sent,
+//!   no canonical JSON) and ours with `run_to_completion(false)` (no task per request), to show
+//!   where the time goes.
 //! - `replay`: the same request again, answered from the store.
 //! - `body_size`: first request and replay at 1 KiB, 64 KiB and 1 MiB JSON bodies.
 //! - `fingerprint`: the body digest alone at those sizes, canonical JSON and raw.
@@ -90,14 +92,18 @@ fn noop_layer() -> Router {
 
 /// Our layer as the reference API uses it: router-wide, with an allow-list.
 fn ours() -> Router {
-    routes().layer(
+    ours_with(|layer| layer)
+}
+
+fn ours_with(configure: impl FnOnce(IdempotencyLayer) -> IdempotencyLayer) -> Router {
+    routes().layer(configure(
         IdempotencyLayer::new()
             .post("/agents")
             .post("/calls")
             .post("/batch-calls")
             .post("/tools")
             .store(MemoryStore::new()),
-    )
+    ))
 }
 
 /// `axum-idempotent` with the layers it needs. `key_header` picks its direct-key mode (no
@@ -233,8 +239,10 @@ fn fresh_key() -> (String, u64) {
 enum Shape {
     /// The same request every time (pass-through, replay, bare).
     Same,
-    /// A fresh key every time (first requests).
+    /// A fresh key and body every time (first requests).
     FreshKey,
+    /// The same, sent as `text/plain`: the body is hashed as sent, not canonicalized.
+    FreshKeyText,
 }
 
 /// Times `iters` requests built by `shape`, one at a time; request building and (for the peer)
@@ -259,9 +267,14 @@ async fn timed(
         }
         let req = match shape {
             Shape::Same => request(path, key, cookie.as_ref(), body),
-            Shape::FreshKey => {
+            Shape::FreshKey | Shape::FreshKeyText => {
                 let (key, n) = fresh_key();
-                request(path, Some(&key), cookie.as_ref(), &unique_body(body, n))
+                let mut req = request(path, Some(&key), cookie.as_ref(), &unique_body(body, n));
+                if matches!(shape, Shape::FreshKeyText) {
+                    req.headers_mut()
+                        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+                }
+                req
             }
         };
         let start = Instant::now();
@@ -378,7 +391,14 @@ fn passthrough(c: &mut Criterion) {
 
 fn first_request(c: &mut Criterion) {
     let rt = runtime();
-    let (bare, ours, peer_hash) = rt.block_on(async { (bare(), ours(), peer(false)) });
+    let (bare, ours, inline, peer_hash) = rt.block_on(async {
+        (
+            bare(),
+            ours(),
+            ours_with(|layer| layer.run_to_completion(false)),
+            peer(false),
+        )
+    });
     let body = json_body(KIB);
     rt.block_on(async {
         // The peer caches first requests in this setup.
@@ -402,6 +422,34 @@ fn first_request(c: &mut Criterion) {
                 "/calls",
                 None,
                 true,
+                Shape::FreshKey,
+                &body,
+                iters,
+            )
+        })
+    });
+    // Where our first request's time goes: without canonical JSON, and without the task that
+    // lets the handler finish when the client goes away.
+    group.bench_function("tower_idempotency_text_body", |b| {
+        b.to_async(&rt).iter_custom(|iters| {
+            timed(
+                &ours,
+                "/calls",
+                None,
+                false,
+                Shape::FreshKeyText,
+                &body,
+                iters,
+            )
+        })
+    });
+    group.bench_function("tower_idempotency_no_run_to_completion", |b| {
+        b.to_async(&rt).iter_custom(|iters| {
+            timed(
+                &inline,
+                "/calls",
+                None,
+                false,
                 Shape::FreshKey,
                 &body,
                 iters,
