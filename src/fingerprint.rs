@@ -163,8 +163,11 @@ static CANONICAL_DIGESTS: LazyLock<DigestMemo> = LazyLock::new(DigestMemo::new);
 /// takes the slot of an older one. An all-zero key marks an empty slot (SHA-256 never gives it
 /// in practice).
 struct DigestMemo {
-    slots: Box<[Mutex<([u8; 32], [u8; 32])>]>,
+    slots: Box<[Mutex<MemoSlot>]>,
 }
+
+/// A memory slot: a key and its canonical digest.
+type MemoSlot = ([u8; 32], [u8; 32]);
 
 impl DigestMemo {
     fn new() -> Self {
@@ -175,7 +178,7 @@ impl DigestMemo {
         }
     }
 
-    fn slot(&self, key: &[u8; 32]) -> std::sync::MutexGuard<'_, ([u8; 32], [u8; 32])> {
+    fn slot(&self, key: &[u8; 32]) -> std::sync::MutexGuard<'_, MemoSlot> {
         let index = usize::from(u16::from_le_bytes([key[0], key[1]])) % MEMO_SLOTS;
         // The slot holds plain bytes; a panic elsewhere cannot leave it half written.
         self.slots[index]
