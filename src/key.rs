@@ -40,7 +40,10 @@ impl fmt::Display for KeyError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             KeyError::Missing => "the idempotency key header is required on this endpoint",
-            KeyError::Repeated => "the idempotency key header must appear exactly once",
+            KeyError::Repeated => {
+                "the idempotency key must be sent in exactly one header field (not repeated, \
+                 and not under two header names at once)"
+            }
             KeyError::Empty => "the idempotency key must not be empty",
             KeyError::TooLong => "the idempotency key must be at most 255 characters",
             KeyError::InvalidCharacter => {
@@ -57,14 +60,25 @@ impl IdempotencyKey {
     /// Reads and validates the key from `headers` under `name`. `Ok(None)` when the header is
     /// absent.
     pub fn from_headers(headers: &HeaderMap, name: &HeaderName) -> Result<Option<Self>, KeyError> {
-        let mut values = headers.get_all(name).iter();
-        let Some(value) = values.next() else {
-            return Ok(None);
-        };
-        if values.next().is_some() {
-            return Err(KeyError::Repeated);
+        Self::from_any_header(headers, std::slice::from_ref(name))
+    }
+
+    /// Reads and validates the key from whichever of `names` the request carries. Exactly one
+    /// field in all is allowed: the same header twice, or two of the names at once (even with
+    /// equal values), is [`KeyError::Repeated`]. `Ok(None)` when none is present.
+    pub fn from_any_header(
+        headers: &HeaderMap,
+        names: &[HeaderName],
+    ) -> Result<Option<Self>, KeyError> {
+        let mut found = None;
+        for name in names {
+            for value in headers.get_all(name) {
+                if found.replace(value).is_some() {
+                    return Err(KeyError::Repeated);
+                }
+            }
         }
-        Self::parse(value.as_bytes()).map(Some)
+        found.map(|value| Self::parse(value.as_bytes())).transpose()
     }
 
     /// Validates one header value.
@@ -159,6 +173,28 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn two_names_at_once_are_repeated() {
+        let names = [
+            HeaderName::from_static("x-idempotency-key"),
+            HeaderName::from_static("idempotency-key"),
+        ];
+        let mut headers = HeaderMap::new();
+        headers.insert(&names[1], HeaderValue::from_static("a"));
+        assert_eq!(
+            IdempotencyKey::from_any_header(&headers, &names)
+                .unwrap()
+                .unwrap()
+                .as_str(),
+            "a"
+        );
+        headers.insert(&names[0], HeaderValue::from_static("a"));
+        assert_eq!(
+            IdempotencyKey::from_any_header(&headers, &names),
+            Err(KeyError::Repeated)
+        );
     }
 
     #[test]

@@ -15,6 +15,9 @@ use crate::{
 /// The default key header, `X-Idempotency-Key`.
 pub const DEFAULT_HEADER: HeaderName = HeaderName::from_static("x-idempotency-key");
 
+/// The IETF draft's key header, `Idempotency-Key`, also read by default.
+pub const IETF_HEADER: HeaderName = HeaderName::from_static("idempotency-key");
+
 /// What a key that comes again with a *different* request (another body or query) means.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum KeyReuse {
@@ -98,7 +101,7 @@ pub struct IdempotencyLayer {
 pub(crate) struct Config {
     pub(crate) store: Arc<dyn IdempotencyStore>,
     pub(crate) routes: Option<Routes>,
-    pub(crate) header: HeaderName,
+    pub(crate) headers: Vec<HeaderName>,
     pub(crate) require_key: bool,
     pub(crate) scope: Arc<dyn ScopeExtractor>,
     pub(crate) missing_scope: MissingScope,
@@ -171,7 +174,7 @@ impl fmt::Debug for IdempotencyLayer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let c = &self.config;
         f.debug_struct("IdempotencyLayer")
-            .field("header", &c.header)
+            .field("headers", &c.headers)
             .field("require_key", &c.require_key)
             .field("key_reuse", &c.key_reuse)
             .field("in_flight", &c.in_flight)
@@ -193,7 +196,7 @@ impl IdempotencyLayer {
             config: Arc::new(Config {
                 store: Arc::new(MemoryStore::new()),
                 routes: None,
-                header: DEFAULT_HEADER,
+                headers: vec![DEFAULT_HEADER, IETF_HEADER],
                 require_key: false,
                 scope: Arc::new(AuthorizationScope),
                 missing_scope: MissingScope::Reject,
@@ -248,10 +251,24 @@ impl IdempotencyLayer {
         self.route(Method::POST, path)
     }
 
-    /// The header that carries the key. Default: `X-Idempotency-Key`; set
-    /// `HeaderName::from_static("idempotency-key")` for the IETF draft's `Idempotency-Key`.
+    /// The one header that carries the key. Default: both `X-Idempotency-Key` and the IETF
+    /// draft's `Idempotency-Key` are read (a request carrying both gets 400), so a client using
+    /// either name is protected. Setting a name here reads that name only; a request using
+    /// another name then passes through unprotected (or gets 400 with
+    /// [`require_key`](Self::require_key)).
     pub fn header_name(self, name: HeaderName) -> Self {
-        self.with(|c| c.header = name)
+        self.header_names([name])
+    }
+
+    /// The headers that carry the key, any one of them per request (two at once: 400).
+    /// Default: `X-Idempotency-Key` and `Idempotency-Key`.
+    ///
+    /// # Panics
+    /// When `names` is empty.
+    pub fn header_names(self, names: impl IntoIterator<Item = HeaderName>) -> Self {
+        let names: Vec<HeaderName> = names.into_iter().collect();
+        assert!(!names.is_empty(), "at least one idempotency key header name");
+        self.with(|c| c.headers = names)
     }
 
     /// Whether a covered request must carry a key. Default: `false` (no key: the request passes

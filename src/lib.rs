@@ -61,7 +61,7 @@ pub mod store;
 pub use async_trait::async_trait;
 pub use key::{IdempotencyKey, KeyError, MAX_KEY_LEN};
 pub use layer::{
-    DEFAULT_HEADER, IdempotencyLayer, InFlight, KeyReuse, MissingScope, StatusPolicy,
+    DEFAULT_HEADER, IETF_HEADER, IdempotencyLayer, InFlight, KeyReuse, MissingScope, StatusPolicy,
     StoreFailure, default_status_policy,
 };
 pub use response::{REPLAYED_HEADER, StoredResponse};

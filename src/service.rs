@@ -109,14 +109,16 @@ where
         if !self.config.covers(&req) {
             return ResponseFuture::passthrough(self.inner.call(req));
         }
-        let key = match IdempotencyKey::from_headers(req.headers(), &self.config.header) {
+        let key = match IdempotencyKey::from_any_header(req.headers(), &self.config.headers) {
             Ok(Some(key)) => key,
             Ok(None) if !self.config.require_key => {
                 tracing::debug!(target: "tower_idempotency", outcome = "bypassed", detail = "no key");
                 return ResponseFuture::passthrough(self.inner.call(req));
             }
-            Ok(None) => return ResponseFuture::ready(reject_key(&req, KeyError::Missing)),
-            Err(error) => return ResponseFuture::ready(reject_key(&req, error)),
+            Ok(None) => {
+                return ResponseFuture::ready(reject_key(&req, KeyError::Missing, &self.config));
+            }
+            Err(error) => return ResponseFuture::ready(reject_key(&req, error, &self.config)),
         };
         // The ready service is the one to call; keep a fresh clone for the next request
         // (see axum's `from_fn`): the call happens later, inside the future.
@@ -126,14 +128,24 @@ where
     }
 }
 
-fn reject_key<B>(req: &Request<B>, error: KeyError) -> Response<Body> {
+fn reject_key<B>(req: &Request<B>, error: KeyError, config: &Config) -> Response<Body> {
     trace(
         Outcome::Rejected,
         req.method(),
         req.uri().path(),
         "invalid key",
     );
-    Problem::new(ProblemKind::InvalidKey, error.to_string()).into_response()
+    let names = config
+        .headers
+        .iter()
+        .map(|name| name.as_str())
+        .collect::<Vec<_>>()
+        .join(" or ");
+    let detail = match error {
+        KeyError::Missing => format!("this endpoint requires an idempotency key in the {names} header"),
+        other => format!("{other} (header {names})"),
+    };
+    Problem::new(ProblemKind::InvalidKey, detail).into_response()
 }
 
 fn problem(parts: &Parts, outcome: Outcome, problem: Problem) -> Response<Body> {
@@ -186,7 +198,9 @@ where
                 Outcome::Rejected,
                 Problem::new(
                     ProblemKind::MissingScope,
-                    "an idempotency key needs an identified caller (no credentials found)",
+                    "an idempotency key needs an identified caller, and none was found for this \
+                     request (no credentials; when the scope comes from an authentication layer, \
+                     that layer must run before, i.e. outside, the idempotency layer)",
                 ),
             )),
             MissingScope::PassThrough => {

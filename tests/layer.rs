@@ -549,6 +549,44 @@ async fn a_required_key_gives_400_when_missing() {
 }
 
 #[tokio::test]
+async fn by_default_both_the_x_and_the_ietf_header_names_carry_the_key() {
+    let calls = Calls::default();
+    let app = calls_app(IdempotencyLayer::new().post("/calls"), &calls);
+    let with = |names: &[&str]| {
+        let mut builder = Request::post("/calls").header(header::AUTHORIZATION, ORG_A);
+        for name in names {
+            builder = builder.header(*name, "same-key");
+        }
+        builder.body(Body::from("{}")).unwrap()
+    };
+    send(&app, with(&["Idempotency-Key"])).await;
+    assert!(send(&app, with(&["Idempotency-Key"])).await.replayed());
+    assert_eq!(calls.get(), 1);
+    // Either name is the same key: a client that switches names still gets its replay.
+    assert!(send(&app, with(&["X-Idempotency-Key"])).await.replayed());
+    // Both at once is ambiguous: 400, nothing runs.
+    let both = send(&app, with(&["X-Idempotency-Key", "Idempotency-Key"])).await;
+    both.assert_problem(StatusCode::BAD_REQUEST, "invalid-key");
+    assert_eq!(calls.get(), 1);
+}
+
+#[tokio::test]
+async fn a_missing_required_key_names_the_header_to_send() {
+    let calls = Calls::default();
+    let app = calls_app(
+        IdempotencyLayer::new().post("/calls").require_key(true),
+        &calls,
+    );
+    let reply = send(&app, request("/calls", None, "{}")).await;
+    reply.assert_problem(StatusCode::BAD_REQUEST, "invalid-key");
+    let detail = reply.json()["detail"].as_str().unwrap().to_owned();
+    assert!(
+        detail.contains("x-idempotency-key or idempotency-key"),
+        "{detail}"
+    );
+}
+
+#[tokio::test]
 async fn the_header_name_is_configurable() {
     let calls = Calls::default();
     let app = calls_app(
