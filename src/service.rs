@@ -517,8 +517,13 @@ where
                 headers: StoredResponse::capture_headers(&parts.headers),
                 body: bytes.clone(),
             };
-            let completed = complete(&config, &guard.key, guard.token(), &stored).await;
-            // Whatever happened, do not release: a lease that could not be completed is left
+            let token = guard.token();
+            let completed = store_call(
+                &config,
+                config.store.complete(&guard.key, token, &stored, config.ttl),
+            )
+            .await;
+            // Whatever happens, do not release: a lease that could not be completed is left
             // to expire rather than let a retry run the handler a second time at once.
             guard.disarm();
             let detail = match completed {
@@ -532,6 +537,22 @@ where
                          response not stored"
                     );
                     "lease lost, not stored"
+                }
+                Err(error) if is_passing(&error) => {
+                    tracing::warn!(
+                        target: "tower_idempotency",
+                        %method,
+                        path,
+                        %error,
+                        "could not store the response; trying again in the background"
+                    );
+                    // The client gets its response now; duplicates meanwhile get 409.
+                    let (config, key) = (config.clone(), guard.key);
+                    let (method, path) = (method.clone(), path.clone());
+                    tokio::spawn(async move {
+                        complete_again(&config, &key, token, &stored, &method, &path).await;
+                    });
+                    "store failed, retrying in the background"
                 }
                 Err(error) => {
                     tracing::error!(
@@ -567,34 +588,52 @@ where
 /// How many times a failed or timed-out `complete` is tried again.
 const COMPLETE_RETRIES: u32 = 2;
 
-/// Stores the response, trying a failed or timed-out call again twice (after 20 ms, then 40 ms).
-/// A completion lost to a passing store fault leaves the lease to expire, after which a retry
-/// would run the handler a second time; the token check keeps a repeated call harmless.
-async fn complete(
+/// Whether a store error may pass if the call is tried again.
+fn is_passing(error: &StoreError) -> bool {
+    matches!(
+        error.kind(),
+        StoreErrorKind::Unavailable | StoreErrorKind::Timeout
+    )
+}
+
+/// Tries a completion that failed again, twice (after 20 ms, then 40 ms), off the response
+/// path. A completion lost to a passing store fault leaves the lease to expire, after which a
+/// retry would run the handler a second time; the token check keeps a repeated call harmless.
+async fn complete_again(
     config: &Config,
     key: &StoreKey,
     token: LeaseToken,
     stored: &StoredResponse,
-) -> Result<bool, StoreError> {
-    let mut attempt = 0;
-    loop {
+    method: &Method,
+    path: &str,
+) {
+    for attempt in 0..COMPLETE_RETRIES {
+        tokio::time::sleep(wait_slice(attempt)).await;
         let result = store_call(
             config,
             config.store.complete(key, token, stored, config.ttl),
         )
         .await;
         match result {
-            Err(error)
-                if attempt < COMPLETE_RETRIES
-                    && matches!(
-                        error.kind(),
-                        StoreErrorKind::Unavailable | StoreErrorKind::Timeout
-                    ) =>
-            {
-                tokio::time::sleep(wait_slice(attempt)).await;
-                attempt += 1;
+            Ok(true) => {
+                tracing::info!(target: "tower_idempotency", %method, path, "response stored on a later try");
+                return;
             }
-            result => return result,
+            Ok(false) => {
+                tracing::warn!(target: "tower_idempotency", %method, path, "lease was lost before completion; response not stored");
+                return;
+            }
+            Err(error) if is_passing(&error) && attempt + 1 < COMPLETE_RETRIES => {}
+            Err(error) => {
+                tracing::error!(
+                    target: "tower_idempotency",
+                    %method,
+                    path,
+                    %error,
+                    "could not store the response; retries get 409 until the lease expires"
+                );
+                return;
+            }
         }
     }
 }

@@ -833,6 +833,14 @@ async fn a_completion_lost_to_passing_store_faults_is_tried_again_and_the_create
 
     let first = send(&app, request("/calls", Some("k"), "{}")).await;
     assert_eq!(first.status, StatusCode::CREATED);
+    // The client has its response at once; the later tries run in the background.
+    tokio::time::timeout(Duration::from_secs(1), async {
+        while store.completes.load(Ordering::SeqCst) < 3 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the failed completion is tried again");
     assert_eq!(
         store.completes.load(Ordering::SeqCst),
         3,
