@@ -12,6 +12,9 @@
 #[allow(dead_code, unreachable_pub)]
 #[path = "../examples/seed_api.rs"]
 mod seed_api;
+mod common;
+
+use common::service_url;
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -26,22 +29,6 @@ use tower_idempotency::IdempotencyStore;
 const REQUESTS: usize = 40;
 /// How long the create handler sleeps, so that every request arrives while the first runs.
 const HANDLER_DELAY_MS: &str = "400";
-
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
-}
-
-/// The URL in `var`, or `None` (after saying so) when it is unset outside CI.
-fn service_url(var: &str, test: &str) -> Option<String> {
-    match std::env::var(var) {
-        Ok(url) if !url.is_empty() => Some(url),
-        _ if in_ci() => panic!("{var} is not set, and CI=true: {test} must run"),
-        _ => {
-            eprintln!("skipped {test}: {var} is not set");
-            None
-        }
-    }
-}
 
 /// A name of this test run's own: 16 hex digits.
 fn unique() -> String {

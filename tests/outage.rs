@@ -15,6 +15,9 @@
 #[allow(dead_code, unreachable_pub)]
 #[path = "../examples/seed_api.rs"]
 mod seed_api;
+mod common;
+
+use common::in_ci;
 
 use std::{
     io::{BufRead, BufReader},
@@ -42,10 +45,6 @@ const PATIENCE: Duration = Duration::from_secs(15);
 /// expiring).
 const PROBE_EVERY: Duration = Duration::from_millis(100);
 
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
-}
-
 /// `redis-server` on `PATH`, else `/usr/bin/redis-server`; `None` (after saying so) when there
 /// is none, outside CI.
 fn redis_server_binary(test: &str) -> Option<PathBuf> {
@@ -63,7 +62,7 @@ fn redis_server_binary(test: &str) -> Option<PathBuf> {
             !in_ci(),
             "redis-server is not installed, and CI=true: {test} must run"
         );
-        eprintln!("skipped {test}: redis-server is not installed");
+        common::skip(test, "redis-server is not installed");
     }
     found
 }

@@ -22,15 +22,7 @@ use tower_idempotency::store::{
 /// The store for one test, under a random prefix, and a plain connection to inspect it with;
 /// `None` when the test is skipped.
 async fn setup(test: &str) -> Option<(RedisStore, redis::aio::MultiplexedConnection)> {
-    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
-    let url = match std::env::var("REDIS_URL") {
-        Ok(url) if !url.is_empty() => url,
-        _ if ci => panic!("REDIS_URL is not set, and CI=true: Redis tests must run"),
-        _ => {
-            eprintln!("skipped {test}: REDIS_URL is not set");
-            return None;
-        }
-    };
+    let url = common::service_url("REDIS_URL", test)?;
     let store = RedisStore::open(&url)
         .await
         .unwrap_or_else(|e| panic!("Redis at {url} does not answer: {e}"))
