@@ -20,6 +20,12 @@ use super::{
     StoredResponse,
 };
 
+/// The default record bound: about 0.9 GB of records with 100-byte bodies.
+pub const DEFAULT_MAX_RECORDS: usize = 1_000_000;
+
+/// The default bound on stored response bytes: 1 GiB.
+pub const DEFAULT_MAX_BYTES: usize = 1 << 30;
+
 /// Shards of the expiry index; a record's shard is chosen by the first byte of its key.
 const EXPIRY_SHARDS: usize = 16;
 
@@ -40,7 +46,8 @@ const EXPIRY_SHARDS: usize = 16;
 /// [`sweep`](MemoryStore::sweep) runs one pass by hand.
 ///
 /// **Bounds.** [`max_records`](MemoryStoreBuilder::max_records) and
-/// [`max_bytes`](MemoryStoreBuilder::max_bytes) (default: unbounded). When either is reached,
+/// [`max_bytes`](MemoryStoreBuilder::max_bytes) (default: 1,000,000 records and 1 GiB, so a
+/// caller sending unique keys cannot exhaust the process's memory). When either is reached,
 /// `begin` for a new key fails with [`StoreErrorKind::Full`] (the layer answers 503 with
 /// `Retry-After`) until expired records are reclaimed; an in-flight or unexpired record is never
 /// evicted. The byte bound counts stored response bytes (see [`StoredResponse::weight`]) and is
@@ -156,8 +163,8 @@ pub struct MemoryStoreBuilder {
 impl Default for MemoryStoreBuilder {
     fn default() -> Self {
         Self {
-            max_records: usize::MAX,
-            max_bytes: usize::MAX,
+            max_records: DEFAULT_MAX_RECORDS,
+            max_bytes: DEFAULT_MAX_BYTES,
             sweep_interval: Duration::from_secs(1),
             sweep_batch: 1024,
             background_sweep: true,
@@ -166,15 +173,17 @@ impl Default for MemoryStoreBuilder {
 }
 
 impl MemoryStoreBuilder {
-    /// The most records (in flight and completed) the store holds. Default: unbounded.
-    /// A new key past it fails with [`StoreErrorKind::Full`].
+    /// The most records (in flight and completed) the store holds. Default: 1,000,000
+    /// ([`DEFAULT_MAX_RECORDS`]); `usize::MAX` for no bound. A new key past it fails with
+    /// [`StoreErrorKind::Full`].
     pub fn max_records(mut self, max: usize) -> Self {
         self.max_records = max;
         self
     }
 
     /// The most stored response bytes (bodies plus headers, see [`StoredResponse::weight`]).
-    /// Default: unbounded. A new key past it fails with [`StoreErrorKind::Full`].
+    /// Default: 1 GiB ([`DEFAULT_MAX_BYTES`]); `usize::MAX` for no bound. A new key past it
+    /// fails with [`StoreErrorKind::Full`].
     pub fn max_bytes(mut self, max: usize) -> Self {
         self.max_bytes = max;
         self
@@ -254,7 +263,8 @@ impl fmt::Debug for MemoryStore {
 }
 
 impl MemoryStore {
-    /// An unbounded store with the default sweeper (every 1 s). See [`MemoryStore::builder`].
+    /// A store with the default bounds (1,000,000 records, 1 GiB of responses) and sweeper
+    /// (every 1 s). See [`MemoryStore::builder`].
     pub fn new() -> Self {
         Self::builder().build()
     }
@@ -557,6 +567,18 @@ impl IdempotencyStore for MemoryStore {
 mod tests {
     use super::*;
     use http::{HeaderMap, StatusCode};
+
+    #[test]
+    fn the_default_store_is_bounded() {
+        let store = MemoryStore::new();
+        assert_eq!(store.inner.max_records, DEFAULT_MAX_RECORDS);
+        assert_eq!(store.inner.max_bytes, DEFAULT_MAX_BYTES);
+        let unbounded = MemoryStore::builder()
+            .max_records(usize::MAX)
+            .max_bytes(usize::MAX)
+            .build();
+        assert!(unbounded.inner.has_room());
+    }
 
     #[tokio::test(start_paused = true)]
     async fn sweep_counts_removed_records_not_stale_index_entries() {
