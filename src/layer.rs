@@ -21,7 +21,8 @@ pub const IETF_HEADER: HeaderName = HeaderName::from_static("idempotency-key");
 /// What a key that comes again with a *different* request (another body or query) means.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum KeyReuse {
-    /// The default, as the reference API documents: a different request is a new request with
+    /// The default, the behaviour of the API this crate was first built for (`seed_api`
+    /// reproduces it): a different request is a new request with
     /// its own record (the fingerprint is part of the record key). The same key with the same
     /// body still replays.
     #[default]
@@ -243,7 +244,11 @@ impl IdempotencyLayer {
     /// # Panics
     /// On a template that axum's router syntax rejects (`/a/{`, say), when the layer is built.
     pub fn route(self, method: Method, path: &str) -> Self {
-        self.with(|c| c.routes.get_or_insert_with(Routes::default).add(method, path))
+        self.with(|c| {
+            c.routes
+                .get_or_insert_with(Routes::default)
+                .add(method, path)
+        })
     }
 
     /// Shorthand for [`route`](Self::route)`(Method::POST, path)`.
@@ -267,12 +272,15 @@ impl IdempotencyLayer {
     /// When `names` is empty.
     pub fn header_names(self, names: impl IntoIterator<Item = HeaderName>) -> Self {
         let names: Vec<HeaderName> = names.into_iter().collect();
-        assert!(!names.is_empty(), "at least one idempotency key header name");
+        assert!(
+            !names.is_empty(),
+            "at least one idempotency key header name"
+        );
         self.with(|c| c.headers = names)
     }
 
     /// Whether a covered request must carry a key. Default: `false` (no key: the request passes
-    /// through unprotected, as the reference API documents). When `true`, a covered request
+    /// through unprotected, as `seed_api` documents for its API). When `true`, a covered request
     /// without the header gets 400 (IETF draft section 2.7).
     pub fn require_key(self, required: bool) -> Self {
         self.with(|c| c.require_key = required)

@@ -10,11 +10,11 @@
 //! idempotent requests.
 //!
 //! ```
-//! use axum::{Router, routing::post};
+//! use axum::{Router, http::StatusCode, routing::post};
 //! use tower_idempotency::IdempotencyLayer;
 //!
 //! let app: Router = Router::new()
-//!     .route("/calls", post(|| async { (http::StatusCode::CREATED, "created") }))
+//!     .route("/calls", post(|| async { (StatusCode::CREATED, "created") }))
 //!     .layer(IdempotencyLayer::new().post("/calls"));
 //! # let _ = app;
 //! ```
