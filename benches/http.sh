@@ -14,8 +14,8 @@
 #   unlisted    POST /voices with a key: not an idempotent endpoint, passes through
 #   bare again  the baseline once more, to show how much the machine drifted during the run
 #
-# Both servers (with and without the layer) run in release builds on 127.0.0.1 and are stopped
-# at the end. Every scenario is bounded by DURATION; nothing leaves the loopback interface.
+# Each scenario starts seed_api afresh (release build) on 127.0.0.1:PORT and stops it after.
+# Every scenario is bounded by DURATION; nothing leaves the loopback interface.
 # Needs wrk (Debian package `wrk`) and curl.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,25 +42,27 @@ trap cleanup EXIT
 
 cargo build --release --example seed_api
 
-# start PORT FLAGS...: seed_api on 127.0.0.1:PORT, quiet (no per-request log lines).
+# start FLAGS...: a fresh seed_api on 127.0.0.1:PORT, quiet (no per-request log lines), so that
+# no scenario inherits the resources (and memory) that an earlier one created.
 start() {
-  local port=$1
-  shift
-  RUST_LOG=error cargo run --release -q --example seed_api -- \
-    --addr "127.0.0.1:$port" --handler-delay-ms "$HANDLER_DELAY_MS" "$@" >"$work/server-$port.log" 2>&1 &
-  pids+=("$!")
+  RUST_LOG=error "$server" --addr "127.0.0.1:$PORT" --handler-delay-ms "$HANDLER_DELAY_MS" "$@" \
+    >"$work/server.log" 2>&1 &
+  server_pid=$!
+  pids+=("$server_pid")
   for _ in $(seq 100); do
-    curl -s -o /dev/null -H "$AUTH" "http://127.0.0.1:$port/stats" && return
+    curl -s -o /dev/null -H "$AUTH" "$url/stats" && return
     sleep 0.1
   done
-  echo "seed_api did not start on port $port:" >&2
-  cat "$work/server-$port.log" >&2
+  echo "seed_api did not start on port $PORT:" >&2
+  cat "$work/server.log" >&2
   exit 1
 }
-start "$PORT"
-start "$((PORT + 1))" --no-idempotency
-layered="http://127.0.0.1:$PORT"
-bare="http://127.0.0.1:$((PORT + 1))"
+stop() {
+  kill "$server_pid" 2>/dev/null || true
+  wait "$server_pid" 2>/dev/null || true
+}
+server="${CARGO_TARGET_DIR:-target}/release/examples/seed_api"
+url="http://127.0.0.1:$PORT"
 
 # A ~1 KiB call body; %s is the request's reference.
 cat >"$work/body.lua" <<'EOF'
@@ -117,7 +119,7 @@ replay_key="$run_id-replay"
 
 # Create-handler runs so far on the layered server (GET /stats).
 handler_calls() {
-  curl -s -H "$AUTH" "$layered/stats" | tr -cd '0-9'
+  curl -s -H "$AUTH" "$url/stats" | tr -cd '0-9'
 }
 
 # measure NAME URL SCRIPT ARGS...: one wrk run; prints a summary line to $work/results.
@@ -143,16 +145,26 @@ measure() {
 }
 
 echo "wrk: $THREADS thread(s), $CONNECTIONS connections, $DURATION per scenario, handler delay ${HANDLER_DELAY_MS} ms"
-measure bare "$bare" fresh.lua /calls "$run_id-bare"
-measure first "$layered" fresh.lua /calls "$run_id-first"
+start --no-idempotency
+measure bare "$url" fresh.lua /calls "$run_id-bare"
+stop
+start
+measure first "$url" fresh.lua /calls "$run_id-first"
+stop
+start
 # The replayed record: one connection for a second, so the first request runs and the rest
 # are replays.
-wrk -t 1 -c 1 -d 1s -s "$work/same.lua" "$layered" -- /calls "$replay_key" >/dev/null
+wrk -t 1 -c 1 -d 1s -s "$work/same.lua" "$url" -- /calls "$replay_key" >/dev/null
 runs_before=$(handler_calls)
-measure replay "$layered" same.lua /calls "$replay_key"
+measure replay "$url" same.lua /calls "$replay_key"
 runs_after=$(handler_calls)
-measure unlisted "$layered" fresh.lua /voices "$run_id-unlisted"
-measure bare_again "$bare" fresh.lua /calls "$run_id-bare-again"
+stop
+start
+measure unlisted "$url" fresh.lua /voices "$run_id-unlisted"
+stop
+start --no-idempotency
+measure bare_again "$url" fresh.lua /calls "$run_id-bare-again"
+stop
 
 echo
 awk '
