@@ -79,7 +79,10 @@ fn runtime() -> tokio::runtime::Runtime {
 /// A store that no background sweeper touches during a measurement.
 fn quiet_store() -> MemoryStore {
     MemoryStore::builder()
-        .sweep_interval(Duration::from_secs(24 * 60 * 60))
+        // Unbounded: these measurements hold more than the default million records.
+        .max_records(usize::MAX)
+        .max_bytes(usize::MAX)
+        .background_sweep(false)
         .build()
 }
 
