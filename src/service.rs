@@ -372,7 +372,9 @@ async fn begin(
         }
         let slice = wait_slice(attempt).min(remaining);
         attempt += 1;
-        if let Err(error) = store_call(config, config.store.wait(key, slice)).await {
+        // A pause, not a store round trip: it may last the whole slice, longer than the store
+        // timeout. Once the slice is over, look again; only an error is a store failure.
+        if let Ok(Err(error)) = tokio::time::timeout(slice, config.store.wait(key, slice)).await {
             return Err(store_failed(config, parts, &error));
         }
     }
