@@ -141,9 +141,15 @@ mod tests {
 
     #[test]
     fn accepts_plain_and_structured_field_keys() {
-        assert_eq!(IdempotencyKey::parse(b"abc-123").unwrap().as_str(), "abc-123");
+        assert_eq!(
+            IdempotencyKey::parse(b"abc-123").unwrap().as_str(),
+            "abc-123"
+        );
         assert_eq!(IdempotencyKey::parse(b"\"abc\"").unwrap().as_str(), "abc");
-        assert_eq!(IdempotencyKey::parse(br#""a\"b\\c""#).unwrap().as_str(), r#"a"b\c"#);
+        assert_eq!(
+            IdempotencyKey::parse(br#""a\"b\\c""#).unwrap().as_str(),
+            r#"a"b\c"#
+        );
         let longest = "k".repeat(255);
         assert!(IdempotencyKey::parse(longest.as_bytes()).is_ok());
     }
@@ -203,7 +209,11 @@ mod tests {
         let mut headers = HeaderMap::new();
         assert_eq!(IdempotencyKey::from_headers(&headers, &name), Ok(None));
         headers.append(&name, HeaderValue::from_static("a"));
-        assert!(IdempotencyKey::from_headers(&headers, &name).unwrap().is_some());
+        assert!(
+            IdempotencyKey::from_headers(&headers, &name)
+                .unwrap()
+                .is_some()
+        );
         headers.append(&name, HeaderValue::from_static("a"));
         assert_eq!(
             IdempotencyKey::from_headers(&headers, &name),

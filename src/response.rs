@@ -184,7 +184,10 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.append("x-multi", HeaderValue::from_static("one"));
         headers.append("x-multi", HeaderValue::from_static("two"));
-        headers.append("x-binary", HeaderValue::from_bytes(&[0x80, 0xff, b'a']).unwrap());
+        headers.append(
+            "x-binary",
+            HeaderValue::from_bytes(&[0x80, 0xff, b'a']).unwrap(),
+        );
         StoredResponse {
             status: StatusCode::CREATED,
             headers,
@@ -205,7 +208,10 @@ mod tests {
     fn truncated_or_extended_records_are_corrupt() {
         let bytes = sample().encode();
         for cut in 0..bytes.len() {
-            assert!(StoredResponse::decode(&bytes[..cut]).is_err(), "cut at {cut}");
+            assert!(
+                StoredResponse::decode(&bytes[..cut]).is_err(),
+                "cut at {cut}"
+            );
         }
         let mut longer = bytes.clone();
         longer.push(0);
@@ -219,7 +225,10 @@ mod tests {
         headers.insert(header::DATE, HeaderValue::from_static("now"));
         headers.insert(header::CONNECTION, HeaderValue::from_static("close, x-hop"));
         headers.insert("x-hop", HeaderValue::from_static("1"));
-        headers.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        headers.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
         headers.insert(header::LOCATION, HeaderValue::from_static("/calls/1"));
         let kept = StoredResponse::capture_headers(&headers);
         assert_eq!(kept.len(), 1);

@@ -168,7 +168,9 @@ mod tests {
 
     #[test]
     fn authorization_scope_hashes_the_credential() {
-        let scope = AuthorizationScope.extract(&parts(&["Bearer secret"])).unwrap();
+        let scope = AuthorizationScope
+            .extract(&parts(&["Bearer secret"]))
+            .unwrap();
         assert_eq!(scope.as_bytes().len(), 32);
         assert!(
             !scope
@@ -176,7 +178,9 @@ mod tests {
                 .windows(b"secret".len())
                 .any(|w| w == b"secret")
         );
-        let other = AuthorizationScope.extract(&parts(&["Bearer other"])).unwrap();
+        let other = AuthorizationScope
+            .extract(&parts(&["Bearer other"]))
+            .unwrap();
         assert_ne!(scope, other);
         assert!(AuthorizationScope.extract(&parts(&[])).is_none());
         assert!(AuthorizationScope.extract(&parts(&["a", "b"])).is_none());

@@ -142,14 +142,21 @@ fn reject_key<B>(req: &Request<B>, error: KeyError, config: &Config) -> Response
         .collect::<Vec<_>>()
         .join(" or ");
     let detail = match error {
-        KeyError::Missing => format!("this endpoint requires an idempotency key in the {names} header"),
+        KeyError::Missing => {
+            format!("this endpoint requires an idempotency key in the {names} header")
+        }
         other => format!("{other} (header {names})"),
     };
     Problem::new(ProblemKind::InvalidKey, detail).into_response()
 }
 
 fn problem(parts: &Parts, outcome: Outcome, problem: Problem) -> Response<Body> {
-    trace(outcome, &parts.method, parts.uri.path(), problem.kind.title());
+    trace(
+        outcome,
+        &parts.method,
+        parts.uri.path(),
+        problem.kind.title(),
+    );
     problem.into_response()
 }
 
@@ -501,7 +508,10 @@ where
         let response = inner.oneshot(req).await?;
         let (parts, body) = response.into_parts();
         if !(config.status_policy)(parts.status) {
-            return Ok((parts, Captured::NotStored(Body::new(body), "status not stored")));
+            return Ok((
+                parts,
+                Captured::NotStored(Body::new(body), "status not stored"),
+            ));
         }
         Ok((parts, capture(body, config.max_response_body).await))
     };
@@ -522,7 +532,9 @@ where
             let token = guard.token();
             let completed = store_call(
                 &config,
-                config.store.complete(&guard.key, token, &stored, config.ttl),
+                config
+                    .store
+                    .complete(&guard.key, token, &stored, config.ttl),
             )
             .await;
             // Whatever happens, do not release: a lease that could not be completed is left

@@ -9,10 +9,10 @@
 //! prefix or in a PostgreSQL table of its own, so runs never meet.
 #![cfg(any(feature = "redis", feature = "postgres"))]
 
+mod common;
 #[allow(dead_code, unreachable_pub)]
 #[path = "../examples/seed_api.rs"]
 mod seed_api;
-mod common;
 
 use common::service_url;
 

@@ -12,10 +12,10 @@
 //! a test starts is killed when the test ends, also when it fails.
 #![cfg(feature = "redis")]
 
+mod common;
 #[allow(dead_code, unreachable_pub)]
 #[path = "../examples/seed_api.rs"]
 mod seed_api;
-mod common;
 
 use common::in_ci;
 
