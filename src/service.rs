@@ -329,8 +329,10 @@ enum Decision {
     Unprotected,
 }
 
+/// Returns a lease token that the caller must put in its own [`LeaseGuard`] before it next
+/// awaits anything (see [`begin_call`]).
 async fn begin(
-    config: &Config,
+    config: &Arc<Config>,
     parts: &Parts,
     key: &StoreKey,
     fp: &Fingerprint,
@@ -338,7 +340,7 @@ async fn begin(
     let started = Instant::now();
     let mut attempt = 0;
     loop {
-        let found = store_call(config, config.store.begin(key, fp, config.lease)).await;
+        let found = begin_call(config, key, fp).await;
         let lease_remaining = match found {
             Ok(Begin::Acquired(token)) => return Ok(token),
             Ok(Begin::Completed {
@@ -385,6 +387,67 @@ async fn begin(
             return Err(store_failed(config, parts, &error));
         }
     }
+}
+
+/// A `begin` answer on its way to the request: an acquired lease travels in its guard.
+enum Answer {
+    Found(Begin),
+    Acquired(LeaseGuard),
+}
+
+/// `store.begin`, such that a lease the store grants always has an owner.
+///
+/// The call goes on in a task of its own once it has to wait for the store (an in-memory store
+/// answers at once and needs none), and a lease it is granted is held by a [`LeaseGuard`] until
+/// the request takes the token. So when the request stops waiting while the answer is on its
+/// way (its client left and the future was dropped, or the store timeout ran out), the lease is
+/// released as soon as it arrives, instead of blocking the key with 409 until it expires. An
+/// answer later than the lease itself is not waited for.
+async fn begin_call(
+    config: &Arc<Config>,
+    key: &StoreKey,
+    fp: &Fingerprint,
+) -> Result<Begin, StoreError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let call = {
+        let (config, key, fp) = (config.clone(), *key, *fp);
+        async move {
+            let begun = config.store.begin(&key, &fp, config.lease);
+            let answer = match tokio::time::timeout(config.lease, begun).await {
+                Ok(Ok(Begin::Acquired(token))) => Ok(Answer::Acquired(LeaseGuard {
+                    config: config.clone(),
+                    key,
+                    token: Some(token),
+                })),
+                Ok(found) => found.map(Answer::Found),
+                Err(_) => Err(StoreError::new(
+                    StoreErrorKind::Timeout,
+                    "store call timed out",
+                )),
+            };
+            // Not received, the answer is dropped, and its guard releases the lease.
+            let _ = tx.send(answer);
+        }
+    };
+    // Polled here first: an answer that is ready at once needs no task.
+    let mut call = Box::pin(call);
+    let pending = std::future::poll_fn(|cx| Poll::Ready(call.as_mut().poll(cx).is_pending())).await;
+    if pending {
+        tokio::spawn(call);
+    }
+    let received = store_call(config, async {
+        rx.await.unwrap_or_else(|_| {
+            Err(StoreError::new(
+                StoreErrorKind::Unavailable,
+                "store call failed",
+            ))
+        })
+    })
+    .await?;
+    Ok(match received {
+        Answer::Found(found) => found,
+        Answer::Acquired(mut guard) => Begin::Acquired(guard.take()),
+    })
 }
 
 fn mismatch(parts: &Parts) -> Response<Body> {
@@ -453,6 +516,13 @@ struct LeaseGuard {
 impl LeaseGuard {
     fn token(&self) -> LeaseToken {
         self.token.expect("lease guard used after it was settled")
+    }
+
+    /// Hands the lease over to another owner.
+    fn take(&mut self) -> LeaseToken {
+        self.token
+            .take()
+            .expect("lease guard used after it was settled")
     }
 
     /// The lease is settled (completed, or deliberately left to expire).

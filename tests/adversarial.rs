@@ -3,13 +3,24 @@
 
 mod support;
 
-use std::time::Duration;
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use axum::{Router, routing::post};
 use bytes::Bytes;
 use http::StatusCode;
 use support::*;
-use tower_idempotency::{IdempotencyLayer, InFlight, StoreFailure};
+use tokio::sync::{Notify, Semaphore};
+use tower::ServiceExt;
+use tower_idempotency::{
+    IdempotencyLayer, IdempotencyStore, InFlight, MemoryStore, StoreFailure,
+    store::{Begin, Fingerprint, LeaseToken, StoreError, StoreKey, StoredResponse},
+};
 
 /// `POST /calls` behind `layer`: counts the run, waits at `gate`, answers 201.
 fn gated_app(layer: IdempotencyLayer, calls: &Calls, gate: &Gate) -> Router {
@@ -69,5 +80,114 @@ async fn a_waiting_duplicate_outlasts_a_store_timeout_shorter_than_its_pauses() 
         );
         assert_eq!(duplicate.body, owner.body, "{policy:?}");
         assert_eq!(calls.get(), 1, "{policy:?}: the handler ran once");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Leases nobody owns
+
+/// A store whose next `begin` is carried out at once but answered only when the test opens the
+/// gate: the reply is still on its way (a slow network, a busy Redis) when the client leaves or
+/// the store timeout runs out.
+#[derive(Clone)]
+struct SlowReply {
+    inner: MemoryStore,
+    hold_next: Arc<AtomicBool>,
+    carried_out: Arc<Notify>,
+    gate: Arc<Semaphore>,
+}
+
+impl SlowReply {
+    fn new() -> Self {
+        Self {
+            inner: MemoryStore::new(),
+            hold_next: Arc::new(AtomicBool::new(true)),
+            carried_out: Arc::default(),
+            gate: Arc::new(Semaphore::new(0)),
+        }
+    }
+}
+
+#[tower_idempotency::async_trait]
+impl IdempotencyStore for SlowReply {
+    async fn begin(
+        &self,
+        key: &StoreKey,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+    ) -> Result<Begin, StoreError> {
+        let outcome = self.inner.begin(key, fingerprint, lease).await;
+        if self.hold_next.swap(false, Ordering::SeqCst) {
+            self.carried_out.notify_one();
+            self.gate.acquire().await.expect("gate open").forget();
+        }
+        outcome
+    }
+
+    async fn renew(
+        &self,
+        key: &StoreKey,
+        token: LeaseToken,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        self.inner.renew(key, token, lease).await
+    }
+
+    async fn complete(
+        &self,
+        key: &StoreKey,
+        token: LeaseToken,
+        response: &StoredResponse,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        self.inner.complete(key, token, response, ttl).await
+    }
+
+    async fn release(&self, key: &StoreKey, token: LeaseToken) -> Result<bool, StoreError> {
+        self.inner.release(key, token).await
+    }
+}
+
+/// The store took the lease, but the request stopped waiting for the answer: its client left
+/// (the request future was dropped) or the store timeout ran out (503). Nobody held the lease,
+/// so every retry got 409 until it expired (a minute by default), and the handler never ran.
+#[tokio::test(start_paused = true)]
+async fn a_lease_taken_after_the_request_stopped_waiting_is_released() {
+    for client_leaves in [true, false] {
+        for run_to_completion in [true, false] {
+            let case =
+                format!("client leaves: {client_leaves}, run to completion: {run_to_completion}");
+            let slow = SlowReply::new();
+            let store = TestStore::new(slow.clone());
+            let (calls, gate) = (Calls::default(), Gate::default());
+            gate.open(10);
+            let layer = IdempotencyLayer::new()
+                .post("/calls")
+                .store(store.clone())
+                .store_timeout(Duration::from_millis(100))
+                .run_to_completion(run_to_completion);
+            let app = gated_app(layer, &calls, &gate);
+
+            let first = tokio::spawn({
+                let app = app.clone();
+                async move { app.oneshot(request("/calls", Some("k"), "{}")).await }
+            });
+            within(slow.carried_out.notified()).await;
+            if client_leaves {
+                first.abort();
+                assert!(first.await.unwrap_err().is_cancelled(), "{case}");
+            } else {
+                let answer = Reply::collect(within(first).await.unwrap().unwrap()).await;
+                answer.assert_problem(StatusCode::SERVICE_UNAVAILABLE, "store-unavailable");
+            }
+            // The store's answer arrives after all.
+            slow.gate.add_permits(1);
+            store.wait_for(|e| e.released == 1).await;
+
+            let retry = send(&app, request("/calls", Some("k"), "{}")).await;
+            assert_eq!(retry.status, StatusCode::CREATED, "{case}");
+            assert!(!retry.replayed(), "{case}");
+            assert_eq!(calls.get(), 1, "{case}: the retry ran, once");
+        }
     }
 }
