@@ -116,6 +116,7 @@ pub(crate) struct Config {
     pub(crate) store_failure: StoreFailure,
     pub(crate) run_to_completion: bool,
     pub(crate) status_policy: StatusPolicy,
+    pub(crate) canonical_json: bool,
 }
 
 /// The allow-list: per method, the route templates and a matcher for concrete paths.
@@ -186,6 +187,7 @@ impl fmt::Debug for IdempotencyLayer {
             .field("store_timeout", &c.store_timeout)
             .field("store_failure", &c.store_failure)
             .field("run_to_completion", &c.run_to_completion)
+            .field("canonical_json", &c.canonical_json)
             .finish_non_exhaustive()
     }
 }
@@ -211,6 +213,7 @@ impl IdempotencyLayer {
                 store_failure: StoreFailure::FailClosed,
                 run_to_completion: true,
                 status_policy: Arc::new(default_status_policy),
+                canonical_json: true,
             }),
         }
     }
@@ -353,6 +356,16 @@ impl IdempotencyLayer {
     /// the lease.
     pub fn run_to_completion(self, enabled: bool) -> Self {
         self.with(|c| c.run_to_completion = enabled)
+    }
+
+    /// Whether JSON bodies (`application/json`, `*/*+json`) are canonicalized before hashing
+    /// (object keys sorted, whitespace dropped; see [`crate::fingerprint`]), so that a retry
+    /// whose client re-serialized the same object in another key order still replays.
+    /// Default: `true`. With `false`, every body is hashed as sent: a first request then costs
+    /// about 4 µs less per KiB of JSON (see BENCHMARKS.md), and a retry must repeat its body
+    /// byte for byte to replay.
+    pub fn canonical_json(self, enabled: bool) -> Self {
+        self.with(|c| c.canonical_json = enabled)
     }
 
     /// Which responses are stored, by status. Default: [`default_status_policy`] (all but 5xx,

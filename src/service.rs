@@ -262,8 +262,8 @@ where
         path,
         key: &key,
     };
-    let (kind, digest) =
-        fingerprint::body_digest_remembered(&scope, &bytes, fingerprint::is_json(&parts.headers));
+    let json = config.canonical_json && fingerprint::is_json(&parts.headers);
+    let (kind, digest) = fingerprint::body_digest_remembered(&scope, &bytes, json);
     let fp = fingerprint::fingerprint(&id, parts.uri.query(), kind, &digest);
     let store_key = match config.key_reuse {
         KeyReuse::NewRequest => StoreKey(fp.0),

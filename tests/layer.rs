@@ -434,6 +434,24 @@ async fn json_key_order_and_whitespace_do_not_change_the_fingerprint() {
 }
 
 #[tokio::test]
+async fn without_canonical_json_a_reordered_body_is_a_new_request() {
+    let calls = Calls::default();
+    let app = calls_app(
+        IdempotencyLayer::new().post("/calls").canonical_json(false),
+        &calls,
+    );
+    send(&app, request("/calls", Some("k"), r#"{"a":1,"b":2}"#)).await;
+    assert!(
+        send(&app, request("/calls", Some("k"), r#"{"a":1,"b":2}"#))
+            .await
+            .replayed()
+    );
+    let reordered = send(&app, request("/calls", Some("k"), r#"{"b":2,"a":1}"#)).await;
+    assert!(!reordered.replayed());
+    assert_eq!(calls.get(), 2);
+}
+
+#[tokio::test]
 async fn json_with_a_structured_suffix_is_canonicalized_too() {
     let calls = Calls::default();
     let app = calls_app(IdempotencyLayer::new().post("/calls"), &calls);
