@@ -287,6 +287,8 @@ async fn raw_credentials_cookies_and_keys_never_appear_in_the_trace() {
         .layer(layer.on_store_error(StoreFailure::FailOpen));
     send(&open, secret_request(&key("-open"), "{}")).await;
 
+    // Let the background tries of failed completions run to their end (the clock is paused).
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     let trace = take_trace();
     for outcome in [
         "executed", "replayed", "mismatch", "rejected", "conflict", "bypassed",
@@ -297,7 +299,10 @@ async fn raw_credentials_cookies_and_keys_never_appear_in_the_trace() {
             "no {outcome:?} event in:\n{trace}"
         );
     }
-    assert!(trace.contains("WARN") && trace.contains("ERROR"), "{trace}");
+    // The failed completion is stored on a background try once the faults stop, so this
+    // trace has warnings; the error path is covered by the store-error test below.
+    assert!(trace.contains("WARN"), "{trace}");
+    assert!(trace.contains("stored on a later try"), "{trace}");
     for secret in SECRETS {
         assert!(
             !trace.contains(secret),
@@ -386,6 +391,8 @@ async fn store_errors_reach_neither_clients_nor_the_trace_with_their_cause() {
     let unstored = send(&app, request("/calls", Some("k2"), "{}")).await;
     assert_eq!(unstored.status, StatusCode::CREATED);
 
+    // Let the background tries of the failed completion run to their end (the clock is paused).
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     let trace = take_trace();
     assert!(trace.contains("WARN") && trace.contains("ERROR"), "{trace}");
     for shown in [&refused.body[..], &unstored.body[..], trace.as_bytes()] {
