@@ -1,6 +1,8 @@
 //! Regressions for faults found by attacking the layer: each test is one input that once made
 //! the layer run a handler twice, replay the wrong response, or leave a key blocked.
 
+#[cfg(feature = "redis")]
+mod common;
 mod support;
 
 use std::{
@@ -189,5 +191,106 @@ async fn a_lease_taken_after_the_request_stopped_waiting_is_released() {
             assert!(!retry.replayed(), "{case}");
             assert_eq!(calls.get(), 1, "{case}: the retry ran, once");
         }
+    }
+}
+
+/// Redis through a proxy that can hold back its replies.
+#[cfg(feature = "redis")]
+mod redis_late_reply {
+    use std::time::Duration;
+
+    use redis::{AsyncCommands, ConnectionAddr, aio::ConnectionManagerConfig};
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::{TcpListener, TcpStream},
+        sync::watch,
+    };
+    use tower_idempotency::store::{Begin, Fingerprint, IdempotencyStore, RedisStore, StoreKey};
+
+    use super::common;
+
+    /// Forwards connections to `upstream`; while `hold` is true, replies wait.
+    async fn proxy(upstream: String, hold: watch::Receiver<bool>) -> u16 {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let server = TcpStream::connect(&upstream).await.unwrap();
+                let (mut client_read, mut client_write) = client.into_split();
+                let (mut server_read, mut server_write) = server.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
+                });
+                let mut hold = hold.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0; 64 * 1024];
+                    loop {
+                        let n = match server_read.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        if hold.wait_for(|held| !held).await.is_err() {
+                            return;
+                        }
+                        if client_write.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        port
+    }
+
+    /// Redis carried out a `begin` whose reply came after the client's response timeout (a
+    /// busy server, a slow network): `begin` failed (503), yet the lease was taken, and nobody
+    /// held its token, so the key answered 409 until the lease ran out.
+    #[tokio::test]
+    async fn a_lease_whose_reply_timed_out_is_released() {
+        let test = "a_lease_whose_reply_timed_out_is_released";
+        let Some(url) = common::service_url("REDIS_URL", test) else {
+            return;
+        };
+        let client = redis::Client::open(url.as_str()).unwrap();
+        let ConnectionAddr::Tcp(host, port) = client.get_connection_info().addr().clone() else {
+            common::skip(test, "REDIS_URL is not plain TCP");
+            return;
+        };
+        let (hold, held) = watch::channel(false);
+        let proxied = url.replacen(
+            &format!("{host}:{port}"),
+            &format!("127.0.0.1:{}", proxy(format!("{host}:{port}"), held).await),
+            1,
+        );
+        let config =
+            ConnectionManagerConfig::new().set_response_timeout(Some(Duration::from_millis(200)));
+        let conn = redis::Client::open(proxied)
+            .unwrap()
+            .get_connection_manager_with_config(config)
+            .await
+            .unwrap();
+        let prefix = format!("tower-idempotency-test:{}:", uuid::Uuid::new_v4().simple());
+        let store = RedisStore::new(conn).prefix(prefix.clone());
+        let (key, fp) = (StoreKey([7; 32]), Fingerprint([9; 32]));
+        let lease = Duration::from_secs(30);
+
+        hold.send_replace(true);
+        let lost = store.begin(&key, &fp, lease).await;
+        assert!(
+            lost.is_err(),
+            "the reply is held back past the response timeout"
+        );
+        hold.send_replace(false);
+
+        let again = store.begin(&key, &fp, lease).await.unwrap();
+        let mut inspect = client.get_multiplexed_async_connection().await.unwrap();
+        let _: () = inspect
+            .del(format!("{prefix}{}", key.to_hex()))
+            .await
+            .unwrap();
+        assert!(
+            matches!(again, Begin::Acquired(_)),
+            "the key is still held by a lease nobody owns: {again:?}"
+        );
     }
 }

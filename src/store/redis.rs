@@ -7,6 +7,7 @@ use std::{
 };
 
 use async_trait::async_trait;
+use futures_util::FutureExt;
 use redis::{Script, Value, aio::ConnectionManager};
 
 use super::{
@@ -213,6 +214,21 @@ impl RedisStore {
     fn redis_key(&self, key: &StoreKey) -> String {
         format!("{}{}", self.prefix, key.to_hex())
     }
+
+    /// A `begin` that failed without an answer (the reply came after the connection's response
+    /// timeout, say) may still have run, and taken a lease under `token` that nobody will
+    /// complete or release: the key would answer 409 until the lease ran out. So release it,
+    /// best effort and without waiting: the release is queued at once on the same connection,
+    /// behind the `begin`, and drops the lease only if `token` holds it.
+    fn undo_begin(&self, key: &StoreKey, token: LeaseToken) {
+        let (store, key) = (self.clone(), *key);
+        let mut undo = Box::pin(async move {
+            let _ = store.release(&key, token).await;
+        });
+        if (&mut undo).now_or_never().is_none() {
+            tokio::spawn(undo);
+        }
+    }
 }
 
 /// Whole milliseconds, rounded up, within 1 ms and [`MAX_MILLIS`].
@@ -274,7 +290,10 @@ impl IdempotencyStore for RedisStore {
             .arg(lease.saturating_mul(2))
             .invoke_async(&mut self.conn.clone())
             .await
-            .map_err(StoreError::unavailable)?;
+            .map_err(|error| {
+                self.undo_begin(key, token);
+                StoreError::unavailable(error)
+            })?;
         begin_outcome(reply, token)
     }
 
