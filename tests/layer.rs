@@ -1197,53 +1197,6 @@ async fn settle() {
 // ---------------------------------------------------------------------------------------------
 // Tracing
 
-thread_local! {
-    /// The trace output written on this thread while a test captures it.
-    static CAPTURED: std::cell::RefCell<Option<Vec<u8>>> = const { std::cell::RefCell::new(None) };
-}
-
-/// Writes trace output into the emitting thread's capture buffer, if it has one.
-struct ThreadCapture;
-
-impl io::Write for ThreadCapture {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        CAPTURED.with_borrow_mut(|captured| {
-            if let Some(captured) = captured {
-                captured.extend_from_slice(buf);
-            }
-        });
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-/// Starts capturing this thread's trace output.
-///
-/// The subscriber is the process-wide default, not a scoped one: `tracing` caches each
-/// callsite's interest for the whole process, computed by whichever thread reaches it first,
-/// so with a scoped subscriber a test running in parallel without one would switch the layer's
-/// events off for everybody. Events from other threads are discarded by the writer.
-fn capture_trace() {
-    static INSTALL: std::sync::Once = std::sync::Once::new();
-    INSTALL.call_once(|| {
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(|| ThreadCapture)
-            .with_max_level(tracing::Level::TRACE)
-            .with_ansi(false)
-            .finish();
-        tracing::subscriber::set_global_default(subscriber).expect("no other global subscriber");
-    });
-    CAPTURED.set(Some(Vec::new()));
-}
-
-/// Takes what this thread's trace output has been since the last call.
-fn take_trace() -> String {
-    let bytes = CAPTURED.with_borrow_mut(|captured| std::mem::take(captured.as_mut().unwrap()));
-    String::from_utf8(bytes).unwrap()
-}
-
 #[tokio::test]
 async fn one_trace_event_per_covered_request_with_its_outcome_and_no_secrets() {
     // A current-thread runtime: the layer's tasks run on this thread, so its events are ours.

@@ -173,52 +173,6 @@ async fn raw_credentials_cookies_and_keys_never_reach_the_store() {
 // ---------------------------------------------------------------------------------------------
 // Credentials and keys never reach the trace
 
-thread_local! {
-    /// The trace output written on this thread while a test captures it.
-    static CAPTURED: std::cell::RefCell<Option<Vec<u8>>> = const { std::cell::RefCell::new(None) };
-}
-
-/// Writes trace output into the emitting thread's capture buffer, if it has one.
-struct ThreadCapture;
-
-impl io::Write for ThreadCapture {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        CAPTURED.with_borrow_mut(|captured| {
-            if let Some(captured) = captured {
-                captured.extend_from_slice(buf);
-            }
-        });
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-/// Starts capturing this thread's trace output, at every level.
-///
-/// The subscriber is the process-wide default (with a scoped one, a test on another thread
-/// could switch the layer's callsites off for everybody through `tracing`'s interest cache);
-/// events from other threads are discarded by the writer.
-fn capture_trace() {
-    static INSTALL: std::sync::Once = std::sync::Once::new();
-    INSTALL.call_once(|| {
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(|| ThreadCapture)
-            .with_max_level(tracing::Level::TRACE)
-            .with_ansi(false)
-            .finish();
-        tracing::subscriber::set_global_default(subscriber).expect("no other global subscriber");
-    });
-    CAPTURED.set(Some(Vec::new()));
-}
-
-fn take_trace() -> String {
-    let bytes = CAPTURED.with_borrow_mut(|captured| std::mem::take(captured.as_mut().unwrap()));
-    String::from_utf8(bytes).unwrap()
-}
-
 /// Every path that writes to the trace, each with the secret credential, a cookie and a key
 /// built from the secret key: executed, replayed, mismatch, invalid key (the bad value holding
 /// the credential), conflict, a response too large to store, store failures on begin, complete
