@@ -274,6 +274,19 @@ mod redis_late_reply {
         let (key, fp) = (StoreKey([7; 32]), Fingerprint([9; 32]));
         let lease = Duration::from_secs(30);
 
+        // The server knows the begin script, not yet the release script (as after a restart
+        // or `SCRIPT FLUSH`, before any lease has been released).
+        let mut inspect = client.get_multiplexed_async_connection().await.unwrap();
+        let () = redis::cmd("SCRIPT")
+            .arg("FLUSH")
+            .query_async(&mut inspect)
+            .await
+            .unwrap();
+        store
+            .begin(&StoreKey([8; 32]), &fp, Duration::from_millis(1))
+            .await
+            .unwrap();
+
         hold.send_replace(true);
         let lost = store.begin(&key, &fp, lease).await;
         assert!(
@@ -283,7 +296,6 @@ mod redis_late_reply {
         hold.send_replace(false);
 
         let again = store.begin(&key, &fp, lease).await.unwrap();
-        let mut inspect = client.get_multiplexed_async_connection().await.unwrap();
         let _: () = inspect
             .del(format!("{prefix}{}", key.to_hex()))
             .await

@@ -219,11 +219,18 @@ impl RedisStore {
     /// timeout, say) may still have run, and taken a lease under `token` that nobody will
     /// complete or release: the key would answer 409 until the lease ran out. So release it,
     /// best effort and without waiting: the release is queued at once on the same connection,
-    /// behind the `begin`, and drops the lease only if `token` holds it.
+    /// behind the `begin`, and drops the lease only if `token` holds it. It is sent with its
+    /// source (`EVAL`), since its answer, `NOSCRIPT` included, may come too late as well.
     fn undo_begin(&self, key: &StoreKey, token: LeaseToken) {
-        let (store, key) = (self.clone(), *key);
+        let mut release = redis::cmd("EVAL");
+        release
+            .arg(RELEASE)
+            .arg(1)
+            .arg(self.redis_key(key))
+            .arg(&token.to_bytes()[..]);
+        let mut conn = self.conn.clone();
         let mut undo = Box::pin(async move {
-            let _ = store.release(&key, token).await;
+            let _: redis::RedisResult<Value> = release.query_async(&mut conn).await;
         });
         if (&mut undo).now_or_never().is_none() {
             tokio::spawn(undo);
