@@ -42,7 +42,8 @@ pub struct RequestIdentity<'a> {
     pub scope: &'a Scope,
     /// The request method.
     pub method: &'a Method,
-    /// The request path (the URI path, not the route template).
+    /// The request path as the client sent it (not the route template; the layer takes it from
+    /// axum's `OriginalUri` when a nested router has stripped a prefix from the URI).
     pub path: &'a str,
     /// The idempotency key.
     pub key: &'a IdempotencyKey,

@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use axum::body::Body;
+use axum::{body::Body, extract::OriginalUri};
 use bytes::{Bytes, BytesMut};
 use futures_util::{FutureExt, StreamExt, future::BoxFuture, stream};
 use http::{HeaderValue, Method, Request, Response, header, request::Parts};
@@ -254,8 +254,13 @@ where
         }
     };
 
-    // Fingerprint.
-    let path = parts.uri.path();
+    // Fingerprint, of the endpoint as the client named it: a router nested under a prefix sees
+    // the URI without it, and `/orgs/1/calls` and `/orgs/2/calls` are not one endpoint.
+    let uri = parts
+        .extensions
+        .get::<OriginalUri>()
+        .map_or(&parts.uri, |original| &original.0);
+    let path = uri.path();
     let id = RequestIdentity {
         scope: &scope,
         method: &parts.method,
@@ -264,7 +269,7 @@ where
     };
     let json = config.canonical_json && fingerprint::is_json(&parts.headers);
     let (kind, digest) = fingerprint::body_digest_remembered(&scope, &bytes, json);
-    let fp = fingerprint::fingerprint(&id, parts.uri.query(), kind, &digest);
+    let fp = fingerprint::fingerprint(&id, uri.query(), kind, &digest);
     let store_key = match config.key_reuse {
         KeyReuse::NewRequest => StoreKey(fp.0),
         KeyReuse::Reject => fingerprint::store_key(&id),

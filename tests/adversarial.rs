@@ -86,6 +86,37 @@ async fn a_waiting_duplicate_outlasts_a_store_timeout_shorter_than_its_pauses() 
 }
 
 // ---------------------------------------------------------------------------------------------
+// Replays of another endpoint's response
+
+/// A router nested under a prefix sees its requests with the prefix stripped. The fingerprint
+/// used that stripped path, so the same key and body sent to `/orgs/1/calls` and then to
+/// `/orgs/2/calls` (or to `/v1/calls` and `/v2/calls`) was one request: the second got the
+/// first one's response, and its call was never created.
+#[tokio::test]
+async fn nested_routers_keep_endpoints_apart() {
+    let (calls, gate) = (Calls::default(), Gate::default());
+    gate.open(10);
+    let calls_api = gated_app(IdempotencyLayer::new().post("/calls"), &calls, &gate);
+    let app = Router::new()
+        .nest("/orgs/{org_id}", calls_api.clone())
+        .nest("/v2", calls_api);
+
+    for (n, path) in ["/orgs/1/calls", "/orgs/2/calls", "/v2/calls"]
+        .iter()
+        .enumerate()
+    {
+        let first = send(&app, request(path, Some("k"), "{}")).await;
+        assert_eq!(first.status, StatusCode::CREATED, "{path}");
+        assert!(!first.replayed(), "{path} got another endpoint's response");
+        assert_eq!(calls.get(), n + 1, "{path}");
+        let retry = send(&app, request(path, Some("k"), "{}")).await;
+        assert!(retry.replayed(), "{path}");
+        assert_eq!(retry.body, first.body, "{path}");
+    }
+    assert_eq!(calls.get(), 3);
+}
+
+// ---------------------------------------------------------------------------------------------
 // Leases nobody owns
 
 /// A store whose next `begin` is carried out at once but answered only when the test opens the
