@@ -15,8 +15,11 @@
 //! insignificant whitespace dropped, strings re-escaped in one canonical way, numbers written
 //! as parsed, array order kept. So `{"b":1, "a":2}` and `{"a":2,"b":1}` are the same request.
 //! A JSON body that does not parse (or nests 128 levels deep or more, the parser's recursion
-//! limit) is hashed raw, as is every other body. The body kind (JSON or raw) is a field of its
-//! own, so a raw body can never match a canonical one.
+//! limit) is hashed raw, as is every other body; so is a JSON body whose canonical form would
+//! drop something a handler can read: a key repeated within one object, or a number that a
+//! double cannot hold exactly (an integer past 2^64, a decimal with more than 17 significant
+//! digits, one that underflows). The body kind (JSON or raw) is a field of its own, so a raw
+//! body can never match a canonical one.
 
 use std::{
     ops::Range,
@@ -115,11 +118,12 @@ pub fn fingerprint(
     Fingerprint(fields.finish())
 }
 
-/// The SHA-256 digest of a body and how it was taken: canonical JSON when `json` is true and the
-/// body parses, the raw bytes otherwise.
+/// The SHA-256 digest of a body and how it was taken: canonical JSON when `json` is true, the
+/// body parses and its canonical form keeps all it says (no key twice in one object, every
+/// number exact as a double; see the [module docs](self)), the raw bytes otherwise.
 pub fn body_digest(body: &[u8], json: bool) -> (BodyKind, [u8; 32]) {
     if json {
-        if let Some(canonical) = canonical_json(body) {
+        if let Some((canonical, true)) = canonicalize(body) {
             return (BodyKind::Json, Sha256::digest(&canonical).into());
         }
     }
@@ -229,17 +233,24 @@ pub fn is_json(headers: &HeaderMap) -> bool {
 /// parsed and written by `serde_json`. Each object is written as its members arrive and put in
 /// key order only when they did not arrive in it.
 pub fn canonical_json(body: &[u8]) -> Option<Vec<u8>> {
+    canonicalize(body).map(|(canonical, _)| canonical)
+}
+
+/// [`canonical_json`], and whether the canonical form is lossless: no object repeats a key and
+/// every number's canonical text has the value of its text as sent.
+fn canonicalize(body: &[u8]) -> Option<(Vec<u8>, bool)> {
     let mut c = Canonicalizer {
         input: body,
         pos: 0,
         out: Vec::with_capacity(body.len()),
         members: Vec::new(),
         scratch: Vec::new(),
+        lossless: true,
     };
     c.skip_whitespace();
     c.value(0)?;
     c.skip_whitespace();
-    (c.pos == body.len()).then_some(c.out)
+    (c.pos == body.len()).then_some((c.out, c.lossless))
 }
 
 /// `serde_json`'s recursion limit: an array or object at this depth is an error.
@@ -254,6 +265,8 @@ struct Canonicalizer<'a> {
     members: Vec<(Text<'a>, Range<usize>)>,
     /// Room to reorder one object's members.
     scratch: Vec<u8>,
+    /// No repeated key dropped, no number rounded, so far.
+    lossless: bool,
 }
 
 impl<'a> Canonicalizer<'a> {
@@ -362,7 +375,9 @@ impl<'a> Canonicalizer<'a> {
             self.out.extend_from_slice(token);
         } else {
             let number: serde_json::Number = serde_json::from_slice(token).ok()?;
+            let start = self.out.len();
             write_scalar(&number, &mut self.out);
+            self.lossless &= Decimal::of(token) == Decimal::of(&self.out[start..]);
         }
         Some(())
     }
@@ -448,6 +463,7 @@ impl<'a> Canonicalizer<'a> {
             out,
             members,
             scratch,
+            lossless,
             ..
         } = self;
         let object = &mut members[base..];
@@ -466,6 +482,7 @@ impl<'a> Canonicalizer<'a> {
                     .get(i + 1)
                     .is_some_and(|(next, _)| next.as_bytes() == key.as_bytes())
                 {
+                    *lossless = false;
                     continue;
                 }
                 if !first {
@@ -478,6 +495,69 @@ impl<'a> Canonicalizer<'a> {
         out.push(b'}');
         members.truncate(base);
         Some(())
+    }
+}
+
+/// The value of a JSON number text, exactly: its sign, its significant digits (no leading or
+/// trailing zeros) and the power of ten of the last one; zero, whatever its sign or form, is
+/// `Zero`. So `1E2`, `100` and `100.0` are equal, and `0.1` and `0.10000000000000000001` are
+/// not. Exponents are taken up to 10^15 in size, far past any a double reaches.
+#[derive(PartialEq, Eq)]
+enum Decimal {
+    Zero,
+    NonZero {
+        negative: bool,
+        digits: Vec<u8>,
+        exponent: i64,
+    },
+}
+
+impl Decimal {
+    /// `text` must be a valid JSON number.
+    fn of(text: &[u8]) -> Self {
+        let (negative, text) = match text {
+            [b'-', rest @ ..] => (true, rest),
+            _ => (false, text),
+        };
+        let split = text
+            .iter()
+            .position(|b| matches!(b, b'e' | b'E'))
+            .unwrap_or(text.len());
+        let (mantissa, exponent_text) = text.split_at(split);
+        let mut exponent: i64 = 0;
+        let mut exponent_negative = false;
+        for &b in exponent_text.iter().skip(1) {
+            match b {
+                b'-' => exponent_negative = true,
+                b'0'..=b'9' => {
+                    exponent = (exponent * 10 + i64::from(b - b'0')).min(1_000_000_000_000_000);
+                }
+                _ => {}
+            }
+        }
+        if exponent_negative {
+            exponent = -exponent;
+        }
+        let (integer, fraction) = match mantissa.iter().position(|&b| b == b'.') {
+            Some(dot) => (&mantissa[..dot], &mantissa[dot + 1..]),
+            None => (mantissa, &[][..]),
+        };
+        exponent -= fraction.len() as i64;
+        let mut digits: Vec<u8> = integer.iter().chain(fraction).copied().collect();
+        while digits.last() == Some(&b'0') {
+            digits.pop();
+            exponent += 1;
+        }
+        let leading = digits.iter().take_while(|&&b| b == b'0').count();
+        if leading == digits.len() {
+            return Decimal::Zero;
+        }
+        digits.drain(..leading);
+        Decimal::NonZero {
+            negative,
+            digits,
+            exponent,
+        }
     }
 }
 

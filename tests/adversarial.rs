@@ -20,7 +20,7 @@ use support::*;
 use tokio::sync::{Notify, Semaphore};
 use tower::ServiceExt;
 use tower_idempotency::{
-    IdempotencyLayer, IdempotencyStore, InFlight, MemoryStore, StoreFailure,
+    IdempotencyLayer, IdempotencyStore, InFlight, KeyReuse, MemoryStore, StoreFailure,
     store::{Begin, Fingerprint, LeaseToken, StoreError, StoreKey, StoredResponse},
 };
 
@@ -114,6 +114,92 @@ async fn nested_routers_keep_endpoints_apart() {
         assert_eq!(retry.body, first.body, "{path}");
     }
     assert_eq!(calls.get(), 3);
+}
+
+/// Canonical JSON made two different bodies one request when its form kept less than the body
+/// said: numbers were read as doubles, so amounts a double cannot tell apart (an integer past
+/// 2^64, a decimal with more than 17 significant digits, one that underflows) were the same
+/// amount, and of a key sent twice only the last value counted. A handler that reads numbers
+/// exactly (`u128`, a decimal type, another service behind a proxy) or rejects duplicate keys
+/// (serde's derived `Deserialize`) tells them apart; the layer replayed the first response to
+/// the second, and in strict mode did not answer 422.
+#[tokio::test]
+async fn json_bodies_that_a_double_or_a_repeated_key_would_merge_are_different_requests() {
+    for (first, second) in [
+        (
+            r#"{"amount":100000000000000000001}"#,
+            r#"{"amount":100000000000000000000}"#,
+        ),
+        (r#"{"amount":0.10000000000000000001}"#, r#"{"amount":0.1}"#),
+        (r#"{"amount":1e-400}"#, r#"{"amount":0.0}"#),
+        (r#"{"amount":1e-400}"#, r#"{"amount":2e-400}"#),
+        (
+            r#"{"amount":-9223372036854775809}"#,
+            r#"{"amount":-9223372036854775808.0}"#,
+        ),
+        (r#"{"amount":1,"amount":2}"#, r#"{"amount":2}"#),
+        (r#"{"to":{"n":1,"n":2}}"#, r#"{"to":{"n":2}}"#),
+    ] {
+        for strict in [false, true] {
+            let (calls, gate) = (Calls::default(), Gate::default());
+            gate.open(10);
+            let mut layer = IdempotencyLayer::new().post("/calls");
+            if strict {
+                layer = layer.key_reuse(KeyReuse::Reject);
+            }
+            let app = gated_app(layer, &calls, &gate);
+            let case = format!("{first} then {second}, strict: {strict}");
+
+            let one = send(&app, request("/calls", Some("k"), first)).await;
+            assert_eq!(one.status, StatusCode::CREATED, "{case}");
+            let two = send(&app, request("/calls", Some("k"), second)).await;
+            assert!(
+                !two.replayed(),
+                "{case}: the second body got the first one's response"
+            );
+            if strict {
+                two.assert_problem(StatusCode::UNPROCESSABLE_ENTITY, "key-reused");
+                assert_eq!(calls.get(), 1, "{case}");
+            } else {
+                assert_eq!(two.status, StatusCode::CREATED, "{case}");
+                assert_eq!(calls.get(), 2, "{case}");
+            }
+            // Each body sent again, byte for byte, is still its own retry.
+            assert!(
+                send(&app, request("/calls", Some("k"), first))
+                    .await
+                    .replayed(),
+                "{case}"
+            );
+        }
+    }
+}
+
+/// Bodies that mean the same numbers and keys stay one request: canonical JSON still merges
+/// what no reader can tell apart.
+#[tokio::test]
+async fn json_bodies_with_the_same_exact_numbers_are_still_one_request() {
+    for (first, second) in [
+        (r#"{"a":12.50,"b":1}"#, r#"{ "b": 1, "a": 12.5 }"#),
+        (r#"{"amount":1E2}"#, r#"{"amount":100.0}"#),
+        (
+            r#"{"amount":18446744073709551615}"#,
+            r#"{"amount": 18446744073709551615}"#,
+        ),
+        (
+            r#"{"amount":1e23}"#,
+            r#"{"amount":100000000000000000000000}"#,
+        ),
+        (r#"{"amount":-0}"#, r#"{"amount":-0.0}"#),
+    ] {
+        let (calls, gate) = (Calls::default(), Gate::default());
+        gate.open(10);
+        let app = gated_app(IdempotencyLayer::new().post("/calls"), &calls, &gate);
+        send(&app, request("/calls", Some("k"), first)).await;
+        let retry = send(&app, request("/calls", Some("k"), second)).await;
+        assert!(retry.replayed(), "{first} then {second}");
+        assert_eq!(calls.get(), 1, "{first} then {second}");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -733,7 +733,10 @@ fn fuzz_canonical_json_a_long_integer_canonicalizes_to_a_fixed_point() {
     let input = b"9999667799976999199999";
     let canonical = canonical_json(input).unwrap();
     assert_eq!(canonical_json(&canonical).as_deref(), Some(&canonical[..]));
-    assert_eq!(body_digest(input, true), body_digest(&canonical, true));
+    // The canonical text is the double nearest the input, another number: a body holding a
+    // number that no double holds exactly is hashed as sent, not as its canonical form.
+    assert_ne!(body_digest(input, true), body_digest(&canonical, true));
+    assert_eq!(body_digest(input, false), body_digest(input, true));
     for text in [
         "0.1",
         "1e23",

@@ -12,8 +12,14 @@ fn check(body: &[u8]) {
     let (raw_kind, raw_digest) = body_digest(body, false);
     assert_eq!(raw_kind, BodyKind::Raw);
     match canonical {
+        // A body whose canonical form would drop a repeated key or round a number is hashed as
+        // sent; its canonical form is still canonical.
+        Some(canonical) if kind == BodyKind::Raw => {
+            assert_eq!(digest, raw_digest);
+            assert_eq!(canonical_json(&canonical).as_deref(), Some(&canonical[..]));
+            assert_eq!(body_digest(&canonical, true).0, BodyKind::Json);
+        }
         Some(canonical) => {
-            assert_eq!(kind, BodyKind::Json);
             // Canonical twice is canonical once.
             assert_eq!(canonical_json(&canonical).as_deref(), Some(&canonical[..]));
             let original: serde_json::Value = serde_json::from_slice(body).unwrap();
