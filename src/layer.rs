@@ -369,7 +369,8 @@ impl IdempotencyLayer {
     }
 
     /// Which responses are stored, by status. Default: [`default_status_policy`] (all but 5xx,
-    /// 408 and 429). A response not stored releases the lease, so a retry runs again.
+    /// 408 and 429). A response not stored releases the lease, so a retry runs again. A 1xx
+    /// status is never stored, whatever the policy: it is not a final response.
     pub fn store_status(self, policy: impl Fn(StatusCode) -> bool + Send + Sync + 'static) -> Self {
         self.with(|c| c.status_policy = Arc::new(policy))
     }

@@ -582,7 +582,9 @@ where
     let work = async {
         let response = inner.oneshot(req).await?;
         let (parts, body) = response.into_parts();
-        if !(config.status_policy)(parts.status) {
+        // A 1xx is no final response (hyper sends 500 in its place): never stored, whatever the
+        // policy says.
+        if parts.status.is_informational() || !(config.status_policy)(parts.status) {
             return Ok((
                 parts,
                 Captured::NotStored(Body::new(body), "status not stored"),

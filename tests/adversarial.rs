@@ -203,6 +203,37 @@ async fn json_bodies_with_the_same_exact_numbers_are_still_one_request() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Responses the client never got
+
+/// A 1xx status is never a final response: hyper answers 500 in its place. The default status
+/// policy stored it all the same, so the client got a 500 that was a replay, and every retry
+/// got it again for the whole TTL, where a real 500 runs again.
+#[tokio::test]
+async fn an_informational_status_is_not_stored() {
+    for status in [
+        StatusCode::CONTINUE,
+        StatusCode::PROCESSING,
+        StatusCode::from_u16(103).unwrap(),
+    ] {
+        let calls = Calls::default();
+        let counter = calls.clone();
+        let app = Router::new()
+            .route(
+                "/calls",
+                post(move || async move {
+                    counter.hit();
+                    status
+                }),
+            )
+            .layer(IdempotencyLayer::new().post("/calls"));
+        send(&app, request("/calls", Some("k"), "{}")).await;
+        let retry = send(&app, request("/calls", Some("k"), "{}")).await;
+        assert!(!retry.replayed(), "{status}");
+        assert_eq!(calls.get(), 2, "{status}: the retry runs again");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Leases nobody owns
 
 /// A store whose next `begin` is carried out at once but answered only when the test opens the
