@@ -43,7 +43,10 @@ const EXPIRY_SHARDS: usize = 16;
 /// [`sweep_batch`](MemoryStoreBuilder::sweep_batch) (default 1,024) with a yield to the
 /// scheduler between batches, so reclaiming a million records never holds a lock for long and
 /// never reads the unexpired ones. The task stops when the last clone of the store is dropped.
-/// [`sweep`](MemoryStore::sweep) runs one pass by hand.
+/// [`sweep`](MemoryStore::sweep) runs one pass by hand. A shard of the index whose entries
+/// come to outnumber its records by far (leases released long before their deadline, by
+/// failing requests) is rebuilt in the same pass from the entries still in use, so the index
+/// stays within about twice the records.
 ///
 /// **Bounds.** [`max_records`](MemoryStoreBuilder::max_records) and
 /// [`max_bytes`](MemoryStoreBuilder::max_bytes) (default: 1,000,000 records and 1 GiB, so a
@@ -244,6 +247,11 @@ async fn sweeper(inner: Weak<Inner>, every: Duration) {
             // A full batch: there may be more. Let requests run in between.
             tokio::task::yield_now().await;
         }
+        for shard in 0..EXPIRY_SHARDS {
+            inner.compact_index(shard);
+            // Each shard is a pass over its entries: let requests run in between.
+            tokio::task::yield_now().await;
+        }
     }
 }
 
@@ -307,7 +315,8 @@ impl MemoryStore {
     }
 
     /// Removes every record whose deadline has passed, now, and returns how many it removed.
-    /// Touches only expired records (through the expiry index), never the live ones.
+    /// Touches only expired records (through the expiry index), never the live ones, unless
+    /// an index shard has to be rebuilt (see the type docs).
     pub fn sweep(&self) -> usize {
         let now = Instant::now();
         let mut removed = 0;
@@ -315,6 +324,9 @@ impl MemoryStore {
             let swept = self.inner.sweep_batch(now);
             removed += swept.removed;
             if swept.consumed < self.inner.sweep_batch {
+                for shard in 0..EXPIRY_SHARDS {
+                    self.inner.compact_index(shard);
+                }
                 return removed;
             }
         }
@@ -372,6 +384,37 @@ impl Inner {
             }
         }
         swept
+    }
+
+    /// Drops the entries of expiry index shard `shard` whose record has moved on, once they
+    /// outnumber its records by far. A lease released at once (a 5xx, a response too large)
+    /// leaves its entry until the lease's deadline; without this, a caller sending unique keys
+    /// whose requests fail would grow the index past the store's bounds for as long as a lease
+    /// lasts. The shard is not locked while the map is read (`with_owned_lease` takes a shard
+    /// lock while it holds a map entry); entries scheduled meanwhile are kept.
+    fn compact_index(&self, shard: usize) {
+        let threshold = 2 * self.records.load(Ordering::Relaxed) / EXPIRY_SHARDS + self.sweep_batch;
+        let lock = || {
+            self.expiry[shard]
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+        };
+        let entries = {
+            let mut heap = lock();
+            if heap.len() <= threshold {
+                return;
+            }
+            std::mem::take(&mut *heap).into_vec()
+        };
+        let live: Vec<_> = entries
+            .into_iter()
+            .filter(|Reverse((deadline, key))| {
+                self.map
+                    .get(key)
+                    .is_some_and(|record| record.state.expires_at() == *deadline)
+            })
+            .collect();
+        lock().extend(live);
     }
 
     fn forget(&self, state: &State) {
@@ -578,6 +621,51 @@ mod tests {
             .max_bytes(usize::MAX)
             .build();
         assert!(unbounded.inner.has_room());
+    }
+
+    fn index_len(store: &MemoryStore) -> usize {
+        store
+            .inner
+            .expiry
+            .iter()
+            .map(|shard| shard.lock().unwrap().len())
+            .sum()
+    }
+
+    /// A lease released at once (its response was a 5xx, a 429, too large) left its expiry
+    /// index entry behind until the lease's deadline: a caller sending unique keys whose
+    /// requests fail grew the index by one entry per request for as long as a lease lasts,
+    /// past `max_records` and `max_bytes` (about 50 bytes a request; an hour's lease at 40,000
+    /// requests a second is gigabytes).
+    #[tokio::test(start_paused = true)]
+    async fn released_leases_do_not_grow_the_expiry_index() {
+        let store = MemoryStore::builder()
+            .max_records(10)
+            .background_sweep(false)
+            .build();
+        let fp = Fingerprint([1; 32]);
+        for i in 0..50_000u32 {
+            let mut key = [0; 32];
+            key[..4].copy_from_slice(&i.to_be_bytes());
+            key[4] = i as u8; // spread over the index shards
+            let key = StoreKey(key);
+            let Begin::Acquired(token) = store
+                .begin(&key, &fp, Duration::from_secs(3600))
+                .await
+                .unwrap()
+            else {
+                panic!("a fresh key is acquired");
+            };
+            assert!(store.release(&key, token).await.unwrap());
+        }
+        assert_eq!(store.len(), 0);
+        assert_eq!(store.sweep(), 0, "nothing is due");
+        let bound = EXPIRY_SHARDS * store.inner.sweep_batch;
+        assert!(
+            index_len(&store) <= bound,
+            "{} index entries for no record",
+            index_len(&store)
+        );
     }
 
     #[tokio::test(start_paused = true)]
