@@ -413,43 +413,45 @@ async fn begin_call(
     key: &StoreKey,
     fp: &Fingerprint,
 ) -> Result<Begin, StoreError> {
-    let (tx, rx) = tokio::sync::oneshot::channel();
     let call = {
         let (config, key, fp) = (config.clone(), *key, *fp);
         async move {
-            let begun = config.store.begin(&key, &fp, config.lease);
-            let answer = match tokio::time::timeout(config.lease, begun).await {
-                Ok(Ok(Begin::Acquired(token))) => Ok(Answer::Acquired(LeaseGuard {
+            Ok(match config.store.begin(&key, &fp, config.lease).await? {
+                Begin::Acquired(token) => Answer::Acquired(LeaseGuard {
                     config: config.clone(),
                     key,
                     token: Some(token),
-                })),
-                Ok(found) => found.map(Answer::Found),
-                Err(_) => Err(StoreError::new(
-                    StoreErrorKind::Timeout,
-                    "store call timed out",
-                )),
-            };
-            // Not received, the answer is dropped, and its guard releases the lease.
-            let _ = tx.send(answer);
+                }),
+                found => Answer::Found(found),
+            })
         }
     };
     // Polled here first: an answer that is ready at once needs no task.
     let mut call = Box::pin(call);
-    let pending = std::future::poll_fn(|cx| Poll::Ready(call.as_mut().poll(cx).is_pending())).await;
-    if pending {
-        tokio::spawn(call);
-    }
-    let received = store_call(config, async {
-        rx.await.unwrap_or_else(|_| {
-            Err(StoreError::new(
-                StoreErrorKind::Unavailable,
-                "store call failed",
-            ))
-        })
-    })
-    .await?;
-    Ok(match received {
+    let answer = match std::future::poll_fn(|cx| Poll::Ready(call.as_mut().poll(cx))).await {
+        Poll::Ready(answer) => answer?,
+        Poll::Pending => {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let lease = config.lease;
+            tokio::spawn(async move {
+                // Not received, the answer is dropped, and its guard releases the lease.
+                if let Ok(answer) = tokio::time::timeout(lease, call).await {
+                    let _ = tx.send(answer);
+                }
+            });
+            let received = async {
+                // Without an answer, the task gave up after the lease.
+                rx.await.unwrap_or_else(|_| {
+                    Err(StoreError::new(
+                        StoreErrorKind::Timeout,
+                        "store call timed out",
+                    ))
+                })
+            };
+            store_call(config, received).await?
+        }
+    };
+    Ok(match answer {
         Answer::Found(found) => found,
         Answer::Acquired(mut guard) => Begin::Acquired(guard.take()),
     })
