@@ -1,91 +1,24 @@
-//! [`IdempotencyLayer`]: the builder and its configuration.
+//! [`IdempotencyLayer`]: the by-value builder.
 
-use std::{collections::HashSet, fmt, sync::Arc, time::Duration};
+use std::{fmt, sync::Arc, time::Duration};
 
-use axum::extract::MatchedPath;
-use http::{HeaderName, Method, Request, StatusCode};
+use http::{HeaderName, Method, StatusCode};
+use tokio_util::task::TaskTracker;
 use tower::Layer;
 
+/// The default [completion deadline](IdempotencyLayer::completion_deadline): 5 minutes.
+pub const DEFAULT_COMPLETION_DEADLINE: Duration = Duration::from_secs(5 * 60);
+
 use crate::{
+    config::{
+        Config, DEFAULT_HEADER, IETF_HEADER, InFlight, KeyReuse, MissingScope, Routes,
+        StoreFailure, default_status_policy,
+    },
+    drain::Drain,
     scope::{AuthorizationScope, ScopeExtractor},
     service::Idempotency,
     store::{IdempotencyStore, MemoryStore},
 };
-
-/// The default key header, `X-Idempotency-Key`.
-pub const DEFAULT_HEADER: HeaderName = HeaderName::from_static("x-idempotency-key");
-
-/// The IETF draft's key header, `Idempotency-Key`, also read by default.
-pub const IETF_HEADER: HeaderName = HeaderName::from_static("idempotency-key");
-
-/// What a key that comes again with a *different* request (another body or query) means.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum KeyReuse {
-    /// The default, the behaviour of the API this crate was first built for (`seed_api`
-    /// reproduces it): a different request is a new request with
-    /// its own record (the fingerprint is part of the record key). The same key with the same
-    /// body still replays.
-    #[default]
-    NewRequest,
-    /// Strict, as the IETF draft (section 2.7) and Stripe do: the key is bound to the first
-    /// request's fingerprint; a different request under a completed or in-flight key gets 422
-    /// and nothing runs.
-    Reject,
-}
-
-/// What a duplicate that arrives while the first request is still running gets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum InFlight {
-    /// The default: 409 Conflict with `Retry-After: 1` at once (IETF draft section 2.7).
-    Conflict,
-    /// Wait up to `timeout` for the first request to finish and answer with its replay (same
-    /// status, headers and body). The in-memory store wakes waiters by notification; other
-    /// stores are polled with backoff (20 ms doubling to 500 ms). If the first request fails
-    /// without storing (5xx, panic), one waiter takes the lease and runs; the others go on
-    /// waiting for that run. Past `timeout`: 409 with `Retry-After`.
-    Wait {
-        /// How long a duplicate waits at most.
-        timeout: Duration,
-    },
-}
-
-/// What to do when the store fails or does not answer within the
-/// [store timeout](IdempotencyLayer::store_timeout).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum StoreFailure {
-    /// The default: answer 503 problem+json with `Retry-After: 1`; the handler does not run.
-    #[default]
-    FailClosed,
-    /// Run the handler without protection, log a warning, and mark the response with
-    /// `Idempotency-Unprotected: true`.
-    ///
-    /// # Warning
-    /// During a store outage, a retry then runs the handler again: only for endpoints where a
-    /// duplicate is cheaper than an outage.
-    FailOpen,
-}
-
-/// What to do with a request that has a key but no [scope](crate::scope).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum MissingScope {
-    /// The default: 401 problem+json; the handler does not run.
-    #[default]
-    Reject,
-    /// Pass the request to the handler without idempotency protection (for endpoints where
-    /// authentication happens later and rejects it anyway).
-    PassThrough,
-}
-
-/// Decides whether a response is stored (and replayed to retries) from its status.
-pub type StatusPolicy = Arc<dyn Fn(StatusCode) -> bool + Send + Sync>;
-
-/// The default status policy: store every status except 5xx, 408 Request Timeout and 429 Too
-/// Many Requests, whose retries should run again.
-pub fn default_status_policy(status: StatusCode) -> bool {
-    !(status.is_server_error()
-        || status == StatusCode::REQUEST_TIMEOUT
-        || status == StatusCode::TOO_MANY_REQUESTS)
-}
 
 /// A [`Layer`] that makes covered requests idempotent. See the [crate docs](crate) for the
 /// flow and an example.
@@ -96,74 +29,6 @@ pub fn default_status_policy(status: StatusCode) -> bool {
 #[derive(Clone)]
 pub struct IdempotencyLayer {
     pub(crate) config: Arc<Config>,
-}
-
-#[derive(Clone)]
-pub(crate) struct Config {
-    pub(crate) store: Arc<dyn IdempotencyStore>,
-    pub(crate) routes: Option<Routes>,
-    pub(crate) headers: Vec<HeaderName>,
-    pub(crate) require_key: bool,
-    pub(crate) scope: Arc<dyn ScopeExtractor>,
-    pub(crate) missing_scope: MissingScope,
-    pub(crate) key_reuse: KeyReuse,
-    pub(crate) in_flight: InFlight,
-    pub(crate) lease: Duration,
-    pub(crate) ttl: Duration,
-    pub(crate) max_request_body: usize,
-    pub(crate) max_response_body: usize,
-    pub(crate) store_timeout: Duration,
-    pub(crate) store_failure: StoreFailure,
-    pub(crate) run_to_completion: bool,
-    pub(crate) status_policy: StatusPolicy,
-    pub(crate) canonical_json: bool,
-}
-
-/// The allow-list: per method, the route templates and a matcher for concrete paths.
-#[derive(Clone, Default)]
-pub(crate) struct Routes {
-    entries: Vec<(Method, HashSet<String>, matchit::Router<()>)>,
-}
-
-impl Routes {
-    fn add(&mut self, method: Method, path: &str) {
-        let index = match self.entries.iter().position(|(m, ..)| *m == method) {
-            Some(index) => index,
-            None => {
-                self.entries
-                    .push((method, HashSet::new(), matchit::Router::new()));
-                self.entries.len() - 1
-            }
-        };
-        let (_, templates, router) = &mut self.entries[index];
-        if templates.insert(path.to_owned()) {
-            if let Err(error) = router.insert(path, ()) {
-                panic!("invalid idempotent route `{path}`: {error}");
-            }
-        }
-    }
-
-    fn matches(&self, method: &Method, matched: Option<&MatchedPath>, path: &str) -> bool {
-        self.entries.iter().any(|(m, templates, router)| {
-            m == method
-                && (matched.is_some_and(|matched| templates.contains(matched.as_str()))
-                    || router.at(path).is_ok())
-        })
-    }
-}
-
-impl Config {
-    /// Whether a request is covered at all (the cheap, body-free first check).
-    pub(crate) fn covers<B>(&self, req: &Request<B>) -> bool {
-        match &self.routes {
-            None => req.method() == Method::POST,
-            Some(routes) => routes.matches(
-                req.method(),
-                req.extensions().get::<MatchedPath>(),
-                req.uri().path(),
-            ),
-        }
-    }
 }
 
 impl Default for IdempotencyLayer {
@@ -214,6 +79,8 @@ impl IdempotencyLayer {
                 run_to_completion: true,
                 status_policy: Arc::new(default_status_policy),
                 canonical_json: true,
+                completion_deadline: DEFAULT_COMPLETION_DEADLINE,
+                tracker: TaskTracker::new(),
             }),
         }
     }
@@ -366,6 +233,30 @@ impl IdempotencyLayer {
     /// byte for byte to replay.
     pub fn canonical_json(self, enabled: bool) -> Self {
         self.with(|c| c.canonical_json = enabled)
+    }
+
+    /// How long an owner whose handler has finished keeps trying to store its response when
+    /// the store fails. Default: 5 minutes ([`DEFAULT_COMPLETION_DEADLINE`]), comfortably
+    /// longer than a store restart or failover.
+    ///
+    /// Meanwhile the owner keeps its lease: it tries `complete` again after 50 ms, doubling to
+    /// 1 s (never more than a quarter of the [lease](Self::lease)), and renews the lease every
+    /// third of it, so duplicates get 409 (or wait) and never a second run. It stops when the
+    /// store takes the response, when the store says the lease was lost (it expired and another
+    /// request took it over), or at this deadline; the lease then expires, and a retry after
+    /// that runs the request again. The client gets its response at once, whatever the store
+    /// does. See the crate docs, "What runs once means", for the guarantee this gives.
+    pub fn completion_deadline(self, deadline: Duration) -> Self {
+        self.with(|c| c.completion_deadline = deadline)
+    }
+
+    /// A handle that waits for the work this layer detaches from requests (handlers whose
+    /// clients left, completions being retried) at shutdown. Every service the layer makes
+    /// shares it, and so do layers cloned from this one. See [`Drain`].
+    pub fn drain_handle(&self) -> Drain {
+        Drain {
+            tracker: self.config.tracker.clone(),
+        }
     }
 
     /// Which responses are stored, by status. Default: [`default_status_policy`] (all but 5xx,

@@ -49,25 +49,37 @@
 //! [`IdempotencyStore`].
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod begin;
+mod capture;
+mod config;
+mod drain;
 pub mod fingerprint;
+mod future;
 mod key;
 mod layer;
+mod lease;
+mod outcome;
 pub mod problem;
 mod response;
 pub mod scope;
 mod service;
 pub mod store;
+mod transactional;
 
 pub use async_trait::async_trait;
-pub use key::{IdempotencyKey, KeyError, MAX_KEY_LEN};
-pub use layer::{
-    DEFAULT_HEADER, IETF_HEADER, IdempotencyLayer, InFlight, KeyReuse, MissingScope, StatusPolicy,
-    StoreFailure, default_status_policy,
+pub use config::{
+    DEFAULT_HEADER, IETF_HEADER, InFlight, KeyReuse, MissingScope, StatusPolicy, StoreFailure,
+    default_status_policy,
 };
+pub use drain::{Drain, DrainTimedOut};
+pub use future::ResponseFuture;
+pub use key::{IdempotencyKey, KeyError, MAX_KEY_LEN};
+pub use layer::{DEFAULT_COMPLETION_DEADLINE, IdempotencyLayer};
 pub use response::{REPLAYED_HEADER, StoredResponse};
-pub use scope::{AuthorizationScope, ExtensionScope, Scope, ScopeExtractor, scope_fn};
-pub use service::{Idempotency, ResponseFuture, UNPROTECTED_HEADER};
+pub use scope::{AuthorizationScope, ExtensionScope, Scope, ScopeDigest, ScopeExtractor, scope_fn};
+pub use service::{Idempotency, UNPROTECTED_HEADER};
 pub use store::{IdempotencyStore, MemoryStore};
+pub use transactional::{CaptureError, Lease};
 
 /// The README's examples, compiled and run as doctests.
 #[cfg(doctest)]

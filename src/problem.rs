@@ -14,6 +14,8 @@
 //! | [`KeyReused`](ProblemKind::KeyReused) | 422 | `tag:tower-idempotency,2026:key-reused` | strict mode: the key was used with another request |
 //! | [`StoreUnavailable`](ProblemKind::StoreUnavailable) | 503 + `Retry-After` | `tag:tower-idempotency,2026:store-unavailable` | the store failed or timed out |
 //! | [`StoreFull`](ProblemKind::StoreFull) | 503 + `Retry-After` | `tag:tower-idempotency,2026:store-full` | the store is at its capacity bound |
+//! | [`ResponseUnstorable`](ProblemKind::ResponseUnstorable) | 500 | `tag:tower-idempotency,2026:response-unstorable` | a handler completing its record in its own transaction had a response that cannot be stored |
+//! | [`NoLease`](ProblemKind::NoLease) | 500 | `tag:tower-idempotency,2026:no-lease` | a handler extracted a [`Lease`](crate::Lease) and the request has none (a server misconfiguration) |
 
 use std::time::Duration;
 
@@ -43,6 +45,12 @@ pub enum ProblemKind {
     StoreUnavailable,
     /// 503: the store is at its capacity bound.
     StoreFull,
+    /// 500: a handler needs a [`Lease`](crate::Lease) and the request has none: it carries no
+    /// key, or the handler is not behind the layer.
+    NoLease,
+    /// 500: a handler's response could not be stored with its record (too large, trailers,
+    /// a failing body), so the handler's transaction did not commit.
+    ResponseUnstorable,
 }
 
 impl ProblemKind {
@@ -56,6 +64,9 @@ impl ProblemKind {
             ProblemKind::KeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             ProblemKind::StoreUnavailable | ProblemKind::StoreFull => {
                 StatusCode::SERVICE_UNAVAILABLE
+            }
+            ProblemKind::NoLease | ProblemKind::ResponseUnstorable => {
+                StatusCode::INTERNAL_SERVER_ERROR
             }
         }
     }
@@ -71,6 +82,8 @@ impl ProblemKind {
             ProblemKind::KeyReused => "tag:tower-idempotency,2026:key-reused",
             ProblemKind::StoreUnavailable => "tag:tower-idempotency,2026:store-unavailable",
             ProblemKind::StoreFull => "tag:tower-idempotency,2026:store-full",
+            ProblemKind::NoLease => "tag:tower-idempotency,2026:no-lease",
+            ProblemKind::ResponseUnstorable => "tag:tower-idempotency,2026:response-unstorable",
         }
     }
 
@@ -85,6 +98,8 @@ impl ProblemKind {
             ProblemKind::KeyReused => "Idempotency key reused with a different request",
             ProblemKind::StoreUnavailable => "Idempotency store unavailable",
             ProblemKind::StoreFull => "Idempotency store full",
+            ProblemKind::NoLease => "Idempotency lease missing",
+            ProblemKind::ResponseUnstorable => "Response could not be stored",
         }
     }
 }

@@ -57,6 +57,11 @@ impl StoredResponse {
     /// record written by another program, or built by hand), so a replay never carries
     /// `Set-Cookie`, a stale `Content-Length` or a hop-by-hop header.
     pub fn to_replay<B: From<Bytes>>(&self) -> Response<B> {
+        self.to_response(true)
+    }
+
+    /// The response as stored, marked as a replay or not.
+    pub(crate) fn to_response<B: From<Bytes>>(&self, replayed: bool) -> Response<B> {
         let mut response = Response::new(B::from(self.body.clone()));
         *response.status_mut() = self.status;
         let headers = response.headers_mut();
@@ -70,7 +75,9 @@ impl StoredResponse {
         if status_allows_content_length(self.status) {
             headers.insert(header::CONTENT_LENGTH, HeaderValue::from(self.body.len()));
         }
-        headers.insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
+        if replayed {
+            headers.insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
+        }
         response
     }
 

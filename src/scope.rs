@@ -34,6 +34,36 @@ impl fmt::Debug for Scope {
     }
 }
 
+/// SHA-256 of a request's [`Scope`], in the request extensions of every covered request that
+/// has one, next to its validated [`IdempotencyKey`](crate::IdempotencyKey): a handler can log
+/// whose key it is, or pass the key on to a downstream provider with idempotency keys of its
+/// own, without ever seeing the raw scope (a credential, say).
+///
+/// It is SHA-256 over a fixed domain tag and the scope's bytes, so it equals no other digest
+/// the crate computes.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ScopeDigest(pub [u8; 32]);
+
+impl ScopeDigest {
+    pub(crate) fn of(scope: &Scope) -> Self {
+        let mut hasher = Sha256::new();
+        hasher.update(b"tower-idempotency scope digest v1\0");
+        hasher.update(scope.as_bytes());
+        Self(hasher.finalize().into())
+    }
+
+    /// The digest as 64 lowercase hex digits.
+    pub fn to_hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+impl fmt::Debug for ScopeDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ScopeDigest({})", self.to_hex())
+    }
+}
+
 /// Finds the scope of a request from its head (method, URI, headers, extensions).
 ///
 /// Runs after method, path and key have been checked and before the body is read.

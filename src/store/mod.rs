@@ -41,7 +41,7 @@ pub use self::redis::RedisStore;
 mod postgres;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
-pub use self::postgres::{PostgresStore, TableNameError};
+pub use self::postgres::{PostgresStore, TableNameError, TransactionalError};
 
 /// A boxed error, the `source` of a [`StoreError`].
 pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
@@ -202,6 +202,48 @@ impl StoreError {
     pub fn kind(&self) -> StoreErrorKind {
         self.kind
     }
+
+    /// The error and its causes in one line, for an operator's log: the message, the kind,
+    /// then each [`source`](StdError::source) in turn, for example
+    /// `store unavailable (Unavailable): Connection refused (os error 111)`. Every URL in it
+    /// (anything of the form `scheme://...`, which may carry a password) is replaced by
+    /// `<url>`. The layer logs store failures with this as the `cause` field.
+    pub fn diagnostic(&self) -> String {
+        let mut line = format!("{} ({:?})", self.message, self.kind);
+        let mut source = self.source();
+        while let Some(cause) = source {
+            line.push_str(": ");
+            line.push_str(&redact_urls(&cause.to_string()));
+            source = cause.source();
+        }
+        line
+    }
+}
+
+/// [`StoreError::diagnostic`], as the layer logs it.
+pub(crate) fn diagnose(error: &StoreError) -> String {
+    error.diagnostic()
+}
+
+/// `text` with every `scheme://...` run (up to white space or a quote) replaced by `<url>`.
+fn redact_urls(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("://") {
+        let scheme_len = rest[..at]
+            .bytes()
+            .rev()
+            .take_while(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'))
+            .count();
+        let end = rest[at..]
+            .find(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '`'))
+            .map_or(rest.len(), |n| at + n);
+        out.push_str(&rest[..at - scheme_len]);
+        out.push_str("<url>");
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 impl fmt::Display for StoreError {
@@ -321,5 +363,42 @@ impl<T: IdempotencyStore + ?Sized> IdempotencyStore for std::sync::Arc<T> {
 
     async fn wait(&self, key: &StoreKey, timeout: Duration) -> Result<(), StoreError> {
         (**self).wait(key, timeout).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_redacted_wherever_they_stand() {
+        assert_eq!(
+            redact_urls("cannot reach redis://:hunter2@cache:6379/0 now"),
+            "cannot reach <url> now"
+        );
+        assert_eq!(redact_urls("postgres://u:p@db/x"), "<url>");
+        assert_eq!(
+            redact_urls("a \"mysql://root:pw@h/test\" and rediss://h"),
+            "a \"<url>\" and <url>"
+        );
+        assert_eq!(
+            redact_urls("no url: 127.0.0.1:6379"),
+            "no url: 127.0.0.1:6379"
+        );
+    }
+
+    #[test]
+    fn diagnostic_names_kind_and_every_cause() {
+        let io = std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "connect to redis://user:secret@10.0.0.1:6379 refused",
+        );
+        let error = StoreError::unavailable(io);
+        assert_eq!(
+            error.diagnostic(),
+            "store unavailable (Unavailable): connect to <url> refused"
+        );
+        let timeout = StoreError::new(StoreErrorKind::Timeout, "store call timed out");
+        assert_eq!(timeout.diagnostic(), "store call timed out (Timeout)");
     }
 }

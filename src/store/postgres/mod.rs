@@ -6,6 +6,13 @@ use async_trait::async_trait;
 use sqlx::{AssertSqlSafe, PgPool, Row, postgres::PgRow};
 use tokio::task::JoinHandle;
 
+mod statements;
+mod transaction;
+
+pub use statements::TableNameError;
+use statements::{Statements, validate_table_name};
+pub use transaction::TransactionalError;
+
 use super::{
     Begin, Fingerprint, IdempotencyStore, LeaseToken, StoreError, StoreErrorKind, StoreKey,
     StoredResponse,
@@ -13,10 +20,6 @@ use super::{
 
 /// The table name used unless [`PostgresStore::with_table_name`] says otherwise.
 const DEFAULT_TABLE: &str = "idempotency_records";
-
-/// The longest table name accepted, so that the derived index name fits PostgreSQL's 63-byte
-/// identifier limit.
-const MAX_TABLE_NAME: usize = 48;
 
 /// Durations longer than this (100 years) are clamped to it, to stay within `timestamptz`.
 const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
@@ -122,152 +125,6 @@ pub struct PostgresStore {
     pool: PgPool,
     sql: Arc<Statements>,
     cleanup_batch: i64,
-}
-
-/// The SQL of every statement, built once for the table name.
-struct Statements {
-    table: String,
-    create_table: Arc<str>,
-    create_index: Arc<str>,
-    begin: Arc<str>,
-    renew: Arc<str>,
-    complete: Arc<str>,
-    release: Arc<str>,
-    delete_expired: Arc<str>,
-}
-
-impl Statements {
-    /// `table` must have passed [`validate_table_name`]: it is written into the SQL quoted,
-    /// and contains only `[a-z0-9_]`.
-    fn new(table: &str) -> Self {
-        let t = format!("\"{table}\"");
-        let index = format!("\"{table}_expires_at_idx\"");
-        let sql = |s: String| Arc::<str>::from(s);
-        Self {
-            table: table.to_owned(),
-            create_table: sql(format!(
-                "CREATE TABLE IF NOT EXISTS {t} (
-                    key          bytea       PRIMARY KEY,
-                    fingerprint  bytea       NOT NULL,
-                    state        text        NOT NULL CHECK (state IN ('in_flight', 'completed')),
-                    token        bytea,
-                    expires_at   timestamptz NOT NULL,
-                    response     bytea,
-                    created_at   timestamptz NOT NULL,
-                    completed_at timestamptz,
-                    CHECK ((state = 'in_flight') = (token IS NOT NULL AND response IS NULL))
-                )"
-            )),
-            create_index: sql(format!(
-                "CREATE INDEX IF NOT EXISTS {index} ON {t} (expires_at)"
-            )),
-            // $1 key, $2 fingerprint, $3 new token, $4 lease in microseconds.
-            //
-            // `live` reads the row if its deadline has not passed. Only when there is none
-            // does `claimed` insert a fresh lease, or take over a row whose deadline has passed
-            // (ON CONFLICT locks the conflicting row, waiting for a concurrent writer, and
-            // evaluates the WHERE on its latest committed version, so exactly one of many
-            // concurrent statements wins). A replay or an in-flight answer is thus a plain
-            // read: no row lock, no write, no commit to flush.
-            //
-            // No row at all means the conflicting row was committed (or taken over) after this
-            // statement's snapshot: run it again.
-            begin: sql(format!(
-                "WITH live AS (
-                    SELECT fingerprint, state, expires_at, response
-                    FROM {t}
-                    WHERE key = $1::bytea AND expires_at > now()
-                ), claimed AS (
-                    INSERT INTO {t} AS r
-                        (key, fingerprint, state, token, expires_at, response, created_at, completed_at)
-                    SELECT $1::bytea, $2::bytea, 'in_flight', $3::bytea,
-                           now() + $4::int8 * interval '1 microsecond', NULL, now(), NULL
-                    WHERE NOT EXISTS (SELECT FROM live)
-                    ON CONFLICT (key) DO UPDATE SET
-                        fingerprint  = excluded.fingerprint,
-                        state        = 'in_flight',
-                        token        = excluded.token,
-                        expires_at   = excluded.expires_at,
-                        response     = NULL,
-                        created_at   = excluded.created_at,
-                        completed_at = NULL
-                    WHERE r.expires_at <= now()
-                    RETURNING 1
-                )
-                SELECT true AS acquired, NULL::bytea AS fingerprint, NULL::text AS state,
-                       NULL::int8 AS remaining_us, NULL::bytea AS response
-                FROM claimed
-                UNION ALL
-                SELECT false, fingerprint, state,
-                       (extract(epoch FROM expires_at - now()) * 1000000)::int8,
-                       response
-                FROM live"
-            )),
-            // $1 key, $2 token, $3 lease in microseconds.
-            renew: sql(format!(
-                "UPDATE {t} SET expires_at = now() + $3::int8 * interval '1 microsecond'
-                 WHERE key = $1 AND token = $2 AND state = 'in_flight'"
-            )),
-            // $1 key, $2 token, $3 encoded response, $4 ttl in microseconds.
-            complete: sql(format!(
-                "UPDATE {t} SET state = 'completed', token = NULL, response = $3,
-                     expires_at = now() + $4::int8 * interval '1 microsecond',
-                     completed_at = now()
-                 WHERE key = $1 AND token = $2 AND state = 'in_flight'"
-            )),
-            // $1 key, $2 token.
-            release: sql(format!(
-                "DELETE FROM {t} WHERE key = $1 AND token = $2 AND state = 'in_flight'"
-            )),
-            // $1 batch size. FOR UPDATE re-checks the deadline on the latest version of a row a
-            // concurrent `begin` just took over; SKIP LOCKED passes over rows in use.
-            delete_expired: sql(format!(
-                "DELETE FROM {t} WHERE key IN (
-                     SELECT key FROM {t} WHERE expires_at <= now()
-                     LIMIT $1 FOR UPDATE SKIP LOCKED
-                 ) AND expires_at <= now()"
-            )),
-        }
-    }
-}
-
-/// A table name that [`PostgresStore::with_table_name`] refused.
-///
-/// A table name must be a plain lowercase identifier: 1 to 48 characters from `a`-`z`, `0`-`9`
-/// and `_`, not starting with a digit.
-#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TableNameError {
-    name: String,
-}
-
-impl fmt::Display for TableNameError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "invalid table name {:?}: expected 1 to {MAX_TABLE_NAME} characters of a-z, 0-9 and _, \
-             not starting with a digit",
-            self.name
-        )
-    }
-}
-
-impl std::error::Error for TableNameError {}
-
-fn validate_table_name(name: &str) -> Result<(), TableNameError> {
-    let valid = !name.is_empty()
-        && name.len() <= MAX_TABLE_NAME
-        && !name.starts_with(|c: char| c.is_ascii_digit())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
-    if valid {
-        Ok(())
-    } else {
-        Err(TableNameError {
-            name: name.to_owned(),
-        })
-    }
 }
 
 /// A duration as whole microseconds, clamped to [`MAX_DURATION`].
@@ -550,31 +407,6 @@ impl IdempotencyStore for PostgresStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn table_names_are_plain_identifiers() {
-        for good in [
-            "idempotency_records",
-            "a",
-            "_x1",
-            &"a".repeat(MAX_TABLE_NAME),
-        ] {
-            assert!(validate_table_name(good).is_ok(), "{good:?}");
-        }
-        for bad in [
-            "",
-            "1abc",
-            "Upper",
-            "a-b",
-            "a.b",
-            "a b",
-            "x\"; DROP TABLE y; --",
-            "é",
-            &"a".repeat(MAX_TABLE_NAME + 1),
-        ] {
-            assert!(validate_table_name(bad).is_err(), "{bad:?}");
-        }
-    }
 
     #[test]
     fn durations_are_microseconds_clamped() {

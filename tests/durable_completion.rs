@@ -1,0 +1,385 @@
+//! Runs once even when the store fails after the handler ran: durable completion, drain on
+//! shutdown, and what a handler reads from the request extensions.
+//!
+//! The clock is paused in most tests: `MemoryStore` keeps tokio's time, so leases and the
+//! completion deadline pass in microseconds.
+
+mod support;
+
+use std::time::Duration;
+
+use axum::{
+    Router,
+    body::{Body, Bytes},
+    extract::Request as AxumRequest,
+    routing::post,
+};
+use http::{HeaderMap, Request, StatusCode, header};
+use tower_idempotency::{
+    IdempotencyKey, IdempotencyLayer, IdempotencyStore, Lease, MemoryStore, ScopeDigest,
+    StoredResponse,
+};
+
+use support::{Calls, Fault, ORG_B, TestStore, capture_trace, created, request, send, take_trace};
+
+const LEASE: Duration = Duration::from_secs(10);
+
+/// `/calls` counting its runs, behind a layer on `store` with a 10 s lease.
+fn app(store: &TestStore, calls: &Calls, layer: IdempotencyLayer) -> Router {
+    let counted = calls.clone();
+    Router::new()
+        .route(
+            "/calls",
+            post(move |body: Bytes| async move { created(counted.hit(), &body) }),
+        )
+        .layer(layer.post("/calls").store(store.clone()).lease(LEASE))
+}
+
+/// Lets the paused clock run `by` forward, with every task woken on the way.
+async fn pass(by: Duration) {
+    let step = Duration::from_millis(50);
+    let mut passed = Duration::ZERO;
+    while passed < by {
+        tokio::time::sleep(step).await;
+        passed += step;
+    }
+}
+
+/// The figure the issue asks for, in miniature: a store outage shorter than the lease, starting
+/// right as the handler finishes. The owner keeps trying; duplicates meanwhile get 409; once the
+/// store is back the response is stored, and a retry after the first lease would have run out
+/// is a replay. Before durable completion, the owner gave up after two tries and that retry
+/// ran the create a second time.
+#[tokio::test(start_paused = true)]
+async fn a_completion_outlasts_a_store_outage_shorter_than_the_lease() {
+    let store = TestStore::new(MemoryStore::new());
+    let calls = Calls::default();
+    let app = app(&store, &calls, IdempotencyLayer::new());
+
+    store.set_faults(|f| {
+        f.complete = Fault::Fail;
+        f.renew = Fault::Fail;
+    });
+    let first = send(&app, request("/calls", Some("k"), "{}")).await;
+    assert_eq!(
+        first.status,
+        StatusCode::CREATED,
+        "the client is not kept waiting"
+    );
+
+    // 8 s of outage (shorter than the 10 s lease), a duplicate every second: never a run.
+    for _ in 0..8 {
+        pass(Duration::from_secs(1)).await;
+        let duplicate = send(&app, request("/calls", Some("k"), "{}")).await;
+        duplicate.assert_problem(StatusCode::CONFLICT, "in-flight");
+    }
+    store.set_faults(|f| *f = Default::default());
+    store.wait_for(|e| e.completed == 1).await;
+
+    // Past the first lease: only a stored response keeps this from running again.
+    pass(LEASE).await;
+    let retry = send(&app, request("/calls", Some("k"), "{}")).await;
+    assert!(retry.replayed(), "{retry:?}");
+    assert_eq!(retry.body, first.body);
+    assert_eq!(calls.get(), 1);
+}
+
+/// While `complete` keeps failing but the store otherwise answers, the owner renews its lease,
+/// so nobody takes the key over, however long past the first lease that lasts.
+#[tokio::test(start_paused = true)]
+async fn no_takeover_while_the_owner_still_renews() {
+    let store = TestStore::new(MemoryStore::new());
+    let calls = Calls::default();
+    let app = app(&store, &calls, IdempotencyLayer::new());
+
+    store.set_faults(|f| f.complete = Fault::Fail);
+    let first = send(&app, request("/calls", Some("k"), "{}")).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    // Three leases long.
+    for _ in 0..30 {
+        pass(Duration::from_secs(1)).await;
+        let duplicate = send(&app, request("/calls", Some("k"), "{}")).await;
+        duplicate.assert_problem(StatusCode::CONFLICT, "in-flight");
+    }
+    assert_eq!(calls.get(), 1);
+    assert!(store.events().renewed >= 6, "{:?}", store.events());
+
+    store.set_faults(|f| *f = Default::default());
+    store.wait_for(|e| e.completed == 1).await;
+    let retry = send(&app, request("/calls", Some("k"), "{}")).await;
+    assert!(retry.replayed());
+    assert_eq!(calls.get(), 1);
+}
+
+/// The owner stops at the completion deadline (with an error in the log); its lease then
+/// expires and the next retry runs: the documented bound.
+#[tokio::test(start_paused = true)]
+async fn the_owner_gives_up_at_the_completion_deadline() {
+    capture_trace();
+    let store = TestStore::new(MemoryStore::new());
+    let calls = Calls::default();
+    let layer = IdempotencyLayer::new().completion_deadline(Duration::from_secs(30));
+    let app = app(&store, &calls, layer);
+
+    store.set_faults(|f| f.complete = Fault::Fail);
+    send(&app, request("/calls", Some("k"), "{}")).await;
+    pass(Duration::from_secs(29)).await;
+    let tries_before_deadline = store.events().completes;
+    assert!(tries_before_deadline >= 25, "{:?}", store.events());
+    let duplicate = send(&app, request("/calls", Some("k"), "{}")).await;
+    duplicate.assert_problem(StatusCode::CONFLICT, "in-flight");
+
+    pass(Duration::from_secs(5)).await;
+    let at_deadline = store.events().completes;
+    assert!(
+        at_deadline <= tries_before_deadline + 2,
+        "{:?}",
+        store.events()
+    );
+    pass(LEASE + Duration::from_secs(1)).await;
+    assert_eq!(
+        store.events().completes,
+        at_deadline,
+        "no tries after the deadline"
+    );
+    let trace = take_trace();
+    assert!(
+        trace.contains("ERROR") && trace.contains("completion deadline"),
+        "{trace}"
+    );
+
+    store.set_faults(|f| *f = Default::default());
+    let retry = send(&app, request("/calls", Some("k"), "{}")).await;
+    assert_eq!(retry.status, StatusCode::CREATED);
+    assert!(!retry.replayed());
+    assert_eq!(calls.get(), 2);
+}
+
+/// A failed store call is logged with its cause, so an operator can tell one failure from
+/// another.
+#[tokio::test(start_paused = true)]
+async fn store_failures_are_logged_with_their_cause() {
+    capture_trace();
+    let store = TestStore::new(MemoryStore::new());
+    let calls = Calls::default();
+    let app = app(&store, &calls, IdempotencyLayer::new());
+    store.set_faults(|f| f.begin = Fault::Fail);
+    send(&app, request("/calls", Some("k"), "{}")).await;
+    let trace = take_trace();
+    assert!(
+        trace.contains("cause=injected store fault (Unavailable)"),
+        "{trace}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Drain on shutdown
+
+/// A handler whose client left goes on running; the drain handle waits for it and for its
+/// completion, so the response is stored before the process exits.
+#[tokio::test(start_paused = true)]
+async fn drain_waits_for_a_detached_handler_and_its_completion() {
+    let store = TestStore::new(MemoryStore::new());
+    let layer = IdempotencyLayer::new().post("/calls").store(store.clone());
+    let drain = layer.drain_handle();
+    let app = Router::new()
+        .route(
+            "/calls",
+            post(|| async {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                (StatusCode::CREATED, "slow create")
+            }),
+        )
+        .layer(layer);
+
+    // The client gives up after 100 ms.
+    let gone = tokio::time::timeout(
+        Duration::from_millis(100),
+        send(&app, request("/calls", Some("k"), "{}")),
+    )
+    .await;
+    assert!(gone.is_err());
+    assert_eq!(drain.pending(), 1);
+    // The store fails for a while once the handler is done.
+    store.set_faults(|f| f.complete = Fault::Fail);
+    let heal = store.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        heal.set_faults(|f| *f = Default::default());
+    });
+
+    drain
+        .wait(Duration::from_secs(60))
+        .await
+        .expect("drained in time");
+    assert_eq!(store.events().completed, 1, "{:?}", store.events());
+    assert_eq!(drain.pending(), 0);
+}
+
+/// Past its timeout, the drain says how much work was left.
+#[tokio::test(start_paused = true)]
+async fn drain_times_out_with_the_count_of_pending_work() {
+    let layer = IdempotencyLayer::new().post("/calls");
+    let drain = layer.drain_handle();
+    let app = Router::new()
+        .route(
+            "/calls",
+            post(|| async {
+                tokio::time::sleep(Duration::from_secs(600)).await;
+                "never"
+            }),
+        )
+        .layer(layer);
+    let _ = tokio::time::timeout(
+        Duration::from_millis(10),
+        send(&app, request("/calls", Some("k"), "{}")),
+    )
+    .await;
+    let timed_out = drain.wait(Duration::from_secs(2)).await.unwrap_err();
+    assert_eq!(timed_out.pending, 1);
+    assert_eq!(timed_out.timeout, Duration::from_secs(2));
+    assert!(timed_out.to_string().contains("1 detached"), "{timed_out}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// What the handler reads
+
+/// A handler that answers with what it found in its request extensions.
+async fn report(req: AxumRequest) -> String {
+    let ext = req.extensions();
+    format!(
+        "key={:?} scope={:?} lease={}",
+        ext.get::<IdempotencyKey>().map(|k| k.as_str().to_owned()),
+        ext.get::<ScopeDigest>().map(ScopeDigest::to_hex),
+        ext.get::<Lease>().is_some(),
+    )
+}
+
+#[tokio::test]
+async fn the_handler_reads_the_key_the_scope_digest_and_its_lease() {
+    let app = Router::new()
+        .route("/calls", post(report))
+        .layer(IdempotencyLayer::new().post("/calls"));
+    let a1 = send(&app, request("/calls", Some("\"k-1\""), "{}")).await;
+    let text = a1.text().to_owned();
+    assert!(
+        text.starts_with("key=Some(\"k-1\") scope=Some(\""),
+        "{text}"
+    );
+    assert!(text.ends_with("lease=true"), "{text}");
+
+    let same_org = send(&app, request("/calls", Some("k-2"), "{}")).await;
+    let other_org = send(
+        &app,
+        Request::post("/calls")
+            .header(header::AUTHORIZATION, ORG_B)
+            .header(support::KEY, "k-1")
+            .body(Body::from("{}"))
+            .unwrap(),
+    )
+    .await;
+    let scope = |text: &str| text.split(' ').nth(1).unwrap().to_owned();
+    assert_eq!(scope(same_org.text()), scope(&text));
+    assert_ne!(scope(other_org.text()), scope(&text));
+    assert_eq!(scope(&text).len(), "scope=Some(\"\")".len() + 64);
+
+    let keyless = send(&app, request("/calls", None, "{}")).await;
+    assert_eq!(keyless.text(), "key=None scope=None lease=false");
+}
+
+/// A handler that needs a lease refuses a request without one with 500 problem+json (a
+/// misconfiguration), and `Option<Lease>` takes either.
+#[tokio::test]
+async fn the_lease_extractor_refuses_a_request_without_a_lease() {
+    let app = Router::new()
+        .route("/needs", post(|_: Lease| async { "had a lease" }))
+        .route(
+            "/may",
+            post(|lease: Option<Lease>| async move { format!("{}", lease.is_some()) }),
+        )
+        .route_layer(IdempotencyLayer::new());
+    let keyless = send(&app, request("/needs", None, "{}")).await;
+    keyless.assert_problem(StatusCode::INTERNAL_SERVER_ERROR, "no-lease");
+    let keyed = send(&app, request("/needs", Some("k"), "{}")).await;
+    assert_eq!(keyed.text(), "had a lease");
+    assert_eq!(
+        send(&app, request("/may", None, "{}")).await.text(),
+        "false"
+    );
+    assert_eq!(
+        send(&app, request("/may", Some("k"), "{}")).await.text(),
+        "true"
+    );
+}
+
+/// A handler that stores its own record (as it would inside its transaction) returns
+/// `Lease::committed`: the client gets exactly the stored response, and the layer neither
+/// stores it again nor releases the lease.
+#[tokio::test]
+async fn a_response_the_handler_stored_itself_is_not_stored_again() {
+    let store = TestStore::new(MemoryStore::new());
+    let handler_store = store.clone();
+    let calls = Calls::default();
+    let counted = calls.clone();
+    let app = Router::new()
+        .route(
+            "/calls",
+            post(move |lease: Lease| async move {
+                let run = counted.hit();
+                let mut headers = HeaderMap::new();
+                headers.insert(header::SET_COOKIE, "session=abc".parse().unwrap());
+                let response = (StatusCode::CREATED, headers, format!("created {run}"));
+                let stored: StoredResponse = lease.capture(response).await.unwrap();
+                let done = handler_store
+                    .complete(
+                        &lease.store_key(),
+                        lease.fencing_token(),
+                        &stored,
+                        lease.ttl(),
+                    )
+                    .await
+                    .unwrap();
+                assert!(done);
+                lease.committed(&stored)
+            }),
+        )
+        .layer(IdempotencyLayer::new().post("/calls").store(store.clone()));
+
+    let first = send(&app, request("/calls", Some("k"), "{}")).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    assert_eq!(first.text(), "created 1");
+    assert!(
+        first.header("set-cookie").is_none(),
+        "exactly what was stored"
+    );
+    assert_eq!(first.header("content-length"), Some("9"));
+    assert!(!first.replayed());
+    let events = store.events();
+    assert_eq!((events.completes, events.releases), (1, 0), "{events:?}");
+
+    let retry = send(&app, request("/calls", Some("k"), "{}")).await;
+    assert!(retry.replayed());
+    assert_eq!(retry.body, first.body);
+    assert_eq!(calls.get(), 1);
+}
+
+/// `Lease::capture` refuses a body over the layer's response cap.
+#[tokio::test]
+async fn capture_refuses_a_response_over_the_cap() {
+    let app = Router::new()
+        .route(
+            "/calls",
+            post(|lease: Lease| async move {
+                match lease.capture("x".repeat(11)).await {
+                    Ok(_) => "stored".to_owned(),
+                    Err(error) => error.to_string(),
+                }
+            }),
+        )
+        .layer(IdempotencyLayer::new().post("/calls").max_response_body(10));
+    let reply = send(&app, request("/calls", Some("k"), "{}")).await;
+    assert_eq!(
+        reply.text(),
+        "response body larger than the limit of 10 bytes"
+    );
+}
