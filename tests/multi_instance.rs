@@ -1,4 +1,4 @@
-//! Two instances of the reference API (`examples/seed_api.rs`), each with its own listener,
+//! Two instances of the reference API (`examples/seed_api/`), each with its own listener,
 //! its own state and its own connection to the store, sharing one Redis or one PostgreSQL:
 //! 40 identical requests with one key, split across both while the handler sleeps, run the
 //! handler once in all.
@@ -11,7 +11,7 @@
 
 mod common;
 #[allow(dead_code, unreachable_pub)]
-#[path = "../examples/seed_api.rs"]
+#[path = "../examples/seed_api/main.rs"]
 mod seed_api;
 
 use common::service_url;

@@ -1,5 +1,5 @@
 //! Outages, with a Redis server the test starts itself (`redis-server` on a free loopback
-//! port, nothing persisted) and the reference API (`examples/seed_api.rs`) on `RedisStore`:
+//! port, nothing persisted) and the reference API (`examples/seed_api/`) on `RedisStore`:
 //!
 //! - Redis stops mid-run: covered requests get 503 problem+json with `Retry-After` and the
 //!   handler does not run; Redis starts again on the same port: requests succeed, with the
@@ -14,7 +14,7 @@
 
 mod common;
 #[allow(dead_code, unreachable_pub)]
-#[path = "../examples/seed_api.rs"]
+#[path = "../examples/seed_api/main.rs"]
 mod seed_api;
 
 use common::in_ci;

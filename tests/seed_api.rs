@@ -1,7 +1,7 @@
-//! End-to-end tests of the reference API (`examples/seed_api.rs`) over a real listener.
+//! End-to-end tests of the reference API (`examples/seed_api/`) over a real listener.
 
 #[allow(dead_code, unreachable_pub)]
-#[path = "../examples/seed_api.rs"]
+#[path = "../examples/seed_api/main.rs"]
 mod seed_api;
 
 use clap::Parser;
