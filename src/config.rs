@@ -47,7 +47,7 @@ pub enum InFlight {
 }
 
 /// What to do when the store fails or does not answer within the
-/// [store timeout](IdempotencyLayer::store_timeout).
+/// [store timeout](crate::IdempotencyLayer::store_timeout).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum StoreFailure {
     /// The default: answer 503 problem+json with `Retry-After: 1`; the handler does not run.

@@ -38,6 +38,25 @@
 //! 8. **Capture** status, end-to-end headers and body (up to
 //!    [`max_response_body`](IdempotencyLayer::max_response_body)), store them if the status
 //!    policy says so, and send the response.
+//! 9. **Complete**, durably: when the store fails, the owner keeps its lease alive and keeps
+//!    trying until the store takes the response (see
+//!    [`completion_deadline`](IdempotencyLayer::completion_deadline)); duplicates get 409 or
+//!    wait meanwhile, never a second run.
+//!
+//! The handler finds the validated [`IdempotencyKey`], a [`ScopeDigest`] and its [`Lease`] in
+//! the request extensions. With the lease it can complete the record inside its own database
+//! transaction (`PostgresStore::complete_in_transaction`, feature `postgres`), so that its
+//! writes and the record commit together and a lost lease rolls them back.
+//!
+//! # What "runs once" means
+//!
+//! The handler runs at most once per record while the store keeps the record, through any store
+//! outage that ends while the owner's lease still holds. A process killed while its handler
+//! runs, or an outage longer than the lease, lets a later retry run again, unless the handler
+//! completes its record in its own transaction. A store that forgets records (Redis without
+//! persistence, restarted) forgets the promise with them. At shutdown, await
+//! [`IdempotencyLayer::drain_handle`] after the server stops, so that handlers whose clients
+//! left and pending completions finish. The README has the table of cases and their tests.
 //!
 //! Rejections are `application/problem+json` responses ([`problem`]), never service errors:
 //! the service's error type is the inner service's.
