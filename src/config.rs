@@ -1,7 +1,11 @@
 //! [`Config`]: what the [`IdempotencyLayer`](crate::IdempotencyLayer) builder produces and the
 //! service reads, with the policies it is made of.
 
-use std::{collections::HashSet, sync::Arc, time::Duration};
+use std::{
+    collections::HashSet,
+    sync::{Arc, atomic::AtomicBool},
+    time::Duration,
+};
 
 use axum::extract::MatchedPath;
 use http::{HeaderName, Method, Request, StatusCode};
@@ -108,6 +112,8 @@ pub(crate) struct Config {
     /// The layer's detached work (handlers whose clients left, pending completions, lease
     /// releases), so that shutdown can wait for it.
     pub(crate) tracker: TaskTracker,
+    /// Whether the missing-scope misconfiguration warning was logged (once per layer).
+    pub(crate) missing_scope_warned: Arc<AtomicBool>,
 }
 
 /// The allow-list: per method, the route templates and a matcher for concrete paths.

@@ -81,6 +81,7 @@ impl IdempotencyLayer {
                 canonical_json: true,
                 completion_deadline: DEFAULT_COMPLETION_DEADLINE,
                 tracker: TaskTracker::new(),
+                missing_scope_warned: Arc::default(),
             }),
         }
     }

@@ -98,6 +98,24 @@ where
     }
 }
 
+/// The first keyed request without a scope is most often a server misconfiguration (an
+/// authentication layer inside the idempotency layer instead of outside it): say so once, with
+/// the fix, in the server's log.
+fn warn_missing_scope_once(config: &Config) {
+    if !config
+        .missing_scope_warned
+        .swap(true, std::sync::atomic::Ordering::Relaxed)
+    {
+        tracing::warn!(
+            target: "tower_idempotency",
+            "a covered request with an idempotency key had no scope (no caller identity). If \
+             your authentication layer puts the caller in the request extensions, it must run \
+             before the idempotency layer: add it with `.layer(..)` after the idempotency layer \
+             (or use `route_layer` for the idempotency layer). Said once per layer."
+        );
+    }
+}
+
 fn reject_key<B>(req: &Request<B>, error: KeyError, config: &Config) -> Response<Body> {
     trace(
         Outcome::Rejected,
@@ -140,6 +158,7 @@ where
 
     // Scope.
     let Some(scope) = config.scope.extract(&parts) else {
+        warn_missing_scope_once(&config);
         return match config.missing_scope {
             MissingScope::Reject => Ok(problem(
                 &parts,
