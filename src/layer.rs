@@ -104,17 +104,20 @@ impl IdempotencyLayer {
         self.with(|c| c.store = store)
     }
 
-    /// Adds `method` + `path` to the allow-list. `path` is a literal path or an axum route
-    /// template (`/orgs/{org_id}/calls`, `/files/{*rest}`), matched against the request's
-    /// `MatchedPath` when the layer runs inside a `Router`, else against the URI path.
+    /// Adds `path` + `method` to the allow-list, in axum's order (`Router::route(path, ..)`).
+    /// `path` is a literal path or an axum route template (`/orgs/{org_id}/calls`,
+    /// `/files/{*rest}`), matched against the request's `MatchedPath` when the layer runs
+    /// inside a `Router`, else against the URI path.
     ///
     /// Default: no allow-list, and every POST that reaches the layer is covered (right for
     /// `route_layer` on the routes that create things). Once any route is added, only listed
     /// routes are covered; every other request passes through untouched, its body unread.
     ///
     /// # Panics
-    /// On a template that axum's router syntax rejects (`/a/{`, say), when the layer is built.
-    pub fn route(self, method: Method, path: &str) -> Self {
+    /// Here, in this call, on a template that axum's router syntax rejects (`/a/{`, say), as
+    /// axum's own `Router::route` does: a route table is fixed at start-up, so a typo stops
+    /// the server before it serves anything.
+    pub fn route(self, path: &str, method: Method) -> Self {
         self.with(|c| {
             c.routes
                 .get_or_insert_with(Routes::default)
@@ -122,9 +125,12 @@ impl IdempotencyLayer {
         })
     }
 
-    /// Shorthand for [`route`](Self::route)`(Method::POST, path)`.
+    /// Shorthand for [`route`](Self::route)`(path, Method::POST)`.
+    ///
+    /// # Panics
+    /// As [`route`](Self::route), on a template axum rejects.
     pub fn post(self, path: &str) -> Self {
-        self.route(Method::POST, path)
+        self.route(path, Method::POST)
     }
 
     /// The one header that carries the key. Default: both `X-Idempotency-Key` and the IETF

@@ -79,6 +79,12 @@ pub trait ScopeExtractor: Send + Sync + 'static {
 /// No header, or more than one: no scope. Two different credentials of the same organization
 /// are two scopes; when keys should be shared across an organization's credentials, use
 /// [`ExtensionScope`] with the organization id that your auth layer resolves.
+///
+/// # Warning: short-lived tokens
+/// Right for long-lived API keys. With tokens that change (OAuth access tokens, JWTs), a client
+/// that refreshes its token between a request and its retry becomes another scope, and the
+/// retry runs again. Scope such APIs by the account the token resolves to ([`ExtensionScope`])
+/// or by a stable claim ([`scope_fn`]).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct AuthorizationScope;
 

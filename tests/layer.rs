@@ -243,7 +243,7 @@ async fn keys_are_scoped_by_path_and_method() {
             IdempotencyLayer::new()
                 .post("/calls")
                 .post("/agents")
-                .route(Method::PUT, "/calls"),
+                .route("/calls", Method::PUT),
         );
     let put = |path: &str| {
         keyed(Method::PUT, path, "same-key")

@@ -47,3 +47,10 @@ async fn passing_through_without_a_scope_warns_too() {
     assert_eq!(reply.status, StatusCode::CREATED);
     assert_eq!(take_trace().matches("had no scope").count(), 1);
 }
+
+/// A route template axum would reject stops the program in `route` itself, at start-up.
+#[test]
+#[should_panic(expected = "invalid idempotent route `/calls/{`")]
+fn a_bad_route_template_panics_in_route() {
+    let _ = IdempotencyLayer::new().post("/calls/{");
+}
