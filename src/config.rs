@@ -133,10 +133,10 @@ impl Routes {
             }
         };
         let (_, templates, router) = &mut self.entries[index];
-        if templates.insert(path.to_owned()) {
-            if let Err(error) = router.insert(path, ()) {
-                panic!("invalid idempotent route `{path}`: {error}");
-            }
+        if templates.insert(path.to_owned())
+            && let Err(error) = router.insert(path, ())
+        {
+            panic!("invalid idempotent route `{path}`: {error}");
         }
     }
 

@@ -122,10 +122,8 @@ pub fn fingerprint(
 /// body parses and its canonical form keeps all it says (no key twice in one object, every
 /// number exact as a double; see the [module docs](self)), the raw bytes otherwise.
 pub fn body_digest(body: &[u8], json: bool) -> (BodyKind, [u8; 32]) {
-    if json {
-        if let Some((canonical, true)) = canonicalize(body) {
-            return (BodyKind::Json, Sha256::digest(&canonical).into());
-        }
+    if json && let Some((canonical, true)) = canonicalize(body) {
+        return (BodyKind::Json, Sha256::digest(&canonical).into());
     }
     (BodyKind::Raw, Sha256::digest(body).into())
 }
