@@ -350,7 +350,11 @@ impl Create {
     fn new(i: usize) -> Self {
         Self {
             org: format!("Bearer org_{}_secret", i % ORGS),
-            path: if i % 2 == 0 { "/calls" } else { "/agents" },
+            path: if i.is_multiple_of(2) {
+                "/calls"
+            } else {
+                "/agents"
+            },
             key: format!("create-{i}"),
             body: format!(r#"{{"create":{i}}}"#),
         }
