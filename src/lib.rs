@@ -83,6 +83,9 @@ mod response;
 pub mod scope;
 mod service;
 pub mod store;
+#[cfg(feature = "testing")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
+pub mod testing;
 mod transactional;
 
 pub use async_trait::async_trait;

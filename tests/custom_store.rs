@@ -1,4 +1,5 @@
 //! The store from `examples/custom_store.rs` against the store conformance suite.
+#![cfg(feature = "testing")]
 mod common;
 
 // The example program itself; its `main` is not used here.

@@ -1,5 +1,6 @@
 //! `MemoryStore`: the store conformance suite, plus what only the in-memory store has (bounds,
 //! sweeping, wake-ups of waiting duplicates). Store-clock tests run on a paused tokio clock.
+#![cfg(feature = "testing")]
 mod common;
 
 use std::time::Duration;

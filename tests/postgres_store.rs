@@ -6,7 +6,7 @@
 //! tests print that they are skipped and pass, except under `CI=true`, where a missing URL or an
 //! unreachable server fails them. Every test works in a table of its own, with a random name,
 //! dropped at the end, so tests and runs never collide.
-#![cfg(feature = "postgres")]
+#![cfg(all(feature = "postgres", feature = "testing"))]
 
 mod common;
 

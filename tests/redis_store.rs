@@ -4,7 +4,7 @@
 //! Reads `REDIS_URL` (`redis://127.0.0.1:6379`, say). Unset: each test prints that it is
 //! skipped and passes, except under `CI=true`, where a missing URL fails. A set URL that does
 //! not answer always fails. Every test writes under a prefix of its own, so runs never meet.
-#![cfg(feature = "redis")]
+#![cfg(all(feature = "redis", feature = "testing"))]
 
 mod common;
 

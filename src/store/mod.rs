@@ -263,10 +263,40 @@ impl StdError for StoreError {
 
 /// A place to keep idempotency records. See the [module docs](self) for the contract.
 ///
-/// Implement it with [`async_trait`](https://docs.rs/async-trait) (re-exported as
-/// [`crate::async_trait`]). All durations are relative; a store turns them into deadlines
-/// on its own clock (the in-memory store uses tokio's clock, so tests can pause time; shared
-/// stores use the server's clock so that every instance agrees).
+/// The trait uses [`async_trait`](https://docs.rs/async-trait) (re-exported as
+/// [`crate::async_trait`]) so that it stays usable as `Arc<dyn IdempotencyStore>`; the
+/// signatures below are what that macro expands to. Write the methods as plain `async fn`s:
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_idempotency::{
+///     async_trait,
+///     store::{Begin, Fingerprint, IdempotencyStore, LeaseToken, StoreError, StoreKey, StoredResponse},
+/// };
+///
+/// struct MyStore; // a connection pool, say
+///
+/// #[async_trait]
+/// impl IdempotencyStore for MyStore {
+///     async fn begin(&self, key: &StoreKey, fingerprint: &Fingerprint, lease: Duration)
+///         -> Result<Begin, StoreError> { todo!("insert a lease if absent or expired, else report") }
+///     async fn renew(&self, key: &StoreKey, token: LeaseToken, lease: Duration)
+///         -> Result<bool, StoreError> { todo!("move the expiry, if `token` owns the lease") }
+///     async fn complete(&self, key: &StoreKey, token: LeaseToken, response: &StoredResponse, ttl: Duration)
+///         -> Result<bool, StoreError> { todo!("store the response, if `token` owns the lease") }
+///     async fn release(&self, key: &StoreKey, token: LeaseToken)
+///         -> Result<bool, StoreError> { todo!("drop the lease, if `token` owns it") }
+///     // `wait` has a default (sleep); override it if the store can notify.
+/// }
+/// ```
+///
+/// `examples/custom_store.rs` is a whole store in about 70 lines, and
+/// [`testing::conformance::run_all`](crate::testing) (feature `testing`) checks one against
+/// the whole contract in one call. All durations are relative; a store turns them into
+/// deadlines on its own clock (the in-memory store uses tokio's clock, so tests can pause time;
+/// shared stores use the server's clock so that every instance agrees). The lease time left
+/// that [`Begin::InFlight`] reports is only a hint for `Retry-After`: the deadline minus now,
+/// on the store's clock.
 #[async_trait]
 pub trait IdempotencyStore: Send + Sync + 'static {
     /// Atomically: if `key` is absent, holds an expired completed record, or holds a lease whose

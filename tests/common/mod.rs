@@ -1,6 +1,7 @@
 //! Shared test code. Each test crate uses what it needs of it.
 #![allow(dead_code, unreachable_pub)]
 
+#[cfg(feature = "testing")]
 pub mod conformance;
 
 use std::io::Write;

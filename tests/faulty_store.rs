@@ -1,0 +1,82 @@
+//! `testing::FaultyStore`: each fault does what it says, on the calls it is set for.
+#![cfg(feature = "testing")]
+
+use std::time::Duration;
+
+use tower_idempotency::{
+    MemoryStore,
+    store::{Begin, Fingerprint, IdempotencyStore, StoreErrorKind, StoreKey},
+    testing::{Fault, FaultyStore, StoreOp},
+};
+
+const LEASE: Duration = Duration::from_secs(30);
+
+fn key(n: u8) -> StoreKey {
+    StoreKey([n; 32])
+}
+
+#[tokio::test(start_paused = true)]
+async fn faults_apply_to_their_call_only_and_every_call_is_counted() {
+    let store = FaultyStore::new(MemoryStore::new());
+    store.set(StoreOp::Begin, Fault::Fail);
+    let failed = store.begin(&key(1), &Fingerprint([1; 32]), LEASE).await;
+    assert_eq!(failed.unwrap_err().kind(), StoreErrorKind::Unavailable);
+    // Not forwarded: the key is still free underneath.
+    let inner = store
+        .inner()
+        .begin(&key(1), &Fingerprint([1; 32]), LEASE)
+        .await;
+    assert!(matches!(inner, Ok(Begin::Acquired(_))));
+
+    // Other calls are not affected.
+    let token = match store
+        .inner()
+        .begin(&key(2), &Fingerprint([2; 32]), LEASE)
+        .await
+    {
+        Ok(Begin::Acquired(token)) => token,
+        other => panic!("{other:?}"),
+    };
+    assert!(store.renew(&key(2), token, LEASE).await.unwrap());
+
+    store.clear();
+    assert!(matches!(
+        store.begin(&key(3), &Fingerprint([3; 32]), LEASE).await,
+        Ok(Begin::Acquired(_))
+    ));
+    assert_eq!(store.calls(StoreOp::Begin), 2);
+    assert_eq!(store.calls(StoreOp::Renew), 1);
+    assert_eq!(store.calls(StoreOp::Complete), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lost_reply_does_the_work_and_reports_a_failure() {
+    let store = FaultyStore::new(MemoryStore::new());
+    store.set(StoreOp::Begin, Fault::LoseReply);
+    let lost = store.begin(&key(1), &Fingerprint([1; 32]), LEASE).await;
+    assert_eq!(lost.unwrap_err().kind(), StoreErrorKind::Unavailable);
+    // The lease was taken all the same.
+    let found = store
+        .inner()
+        .begin(&key(1), &Fingerprint([1; 32]), LEASE)
+        .await;
+    assert!(matches!(found, Ok(Begin::InFlight { .. })), "{found:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_delay_waits_then_forwards_and_a_hang_never_answers() {
+    let store = FaultyStore::new(MemoryStore::new());
+    store.set(StoreOp::Begin, Fault::Delay(Duration::from_secs(3)));
+    let started = tokio::time::Instant::now();
+    let begun = store.begin(&key(1), &Fingerprint([1; 32]), LEASE).await;
+    assert!(matches!(begun, Ok(Begin::Acquired(_))));
+    assert_eq!(started.elapsed(), Duration::from_secs(3));
+
+    store.set(StoreOp::Begin, Fault::Hang);
+    let hung = tokio::time::timeout(
+        Duration::from_secs(600),
+        store.begin(&key(2), &Fingerprint([2; 32]), LEASE),
+    )
+    .await;
+    assert!(hung.is_err());
+}
