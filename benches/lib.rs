@@ -1,0 +1,1 @@
+//! Nothing: this package holds benchmarks only (see its `[[bench]]` targets).
