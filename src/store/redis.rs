@@ -8,7 +8,10 @@ use std::{
 
 use async_trait::async_trait;
 use futures_util::FutureExt;
-use redis::{Script, Value, aio::ConnectionManager};
+use redis::{
+    Cmd, ErrorKind, RedisError, RedisFuture, RedisResult, Script, ServerErrorKind, Value,
+    aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig},
+};
 
 use super::{
     Begin, Fingerprint, IdempotencyStore, LeaseToken, StoreError, StoreErrorKind, StoreKey,
@@ -63,13 +66,19 @@ return 1
 ";
 
 /// KEYS[1] record; ARGV[1] token, ARGV[2] encoded response, ARGV[3] TTL ms. Returns 1 if the
-/// token owned the lease (and the response is stored), else 0.
+/// token owned the lease (and the response is stored), 2 if the token already completed the
+/// record (a repeated `complete`; nothing changes), else 0.
 const COMPLETE: &str = r"
-if redis.call('HGET', KEYS[1], 't') ~= ARGV[1] then
+local record = redis.call('HMGET', KEYS[1], 't', 'c')
+if record[1] ~= ARGV[1] then
+  if record[2] == ARGV[1] then
+    return 2
+  end
   return 0
 end
 redis.call('HDEL', KEYS[1], 't')
-redis.call('HSET', KEYS[1], 'r', ARGV[2], 'd', string.format('%.0f', now + tonumber(ARGV[3])))
+redis.call('HSET', KEYS[1], 'r', ARGV[2], 'c', ARGV[1],
+  'd', string.format('%.0f', now + tonumber(ARGV[3])))
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
 ";
@@ -84,30 +93,279 @@ redis.call('DEL', KEYS[1])
 return 1
 ";
 
+/// A script: its source, sent with `EVAL` when the server does not know it, and its SHA-1,
+/// sent with `EVALSHA` otherwise.
+struct LuaScript {
+    source: String,
+    hash: String,
+}
+
+impl LuaScript {
+    fn new(source: String) -> Self {
+        let hash = Script::new(&source).get_hash().to_owned();
+        Self { source, hash }
+    }
+}
+
 struct Scripts {
-    begin: Script,
-    renew: Script,
-    complete: Script,
-    release: Script,
+    begin: LuaScript,
+    renew: LuaScript,
+    complete: LuaScript,
+    release: LuaScript,
 }
 
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
-    begin: Script::new(&format!("{NOW}{BEGIN}")),
-    renew: Script::new(&format!("{NOW}{RENEW}")),
-    complete: Script::new(&format!("{NOW}{COMPLETE}")),
+    begin: LuaScript::new(format!("{NOW}{BEGIN}")),
+    renew: LuaScript::new(format!("{NOW}{RENEW}")),
+    complete: LuaScript::new(format!("{NOW}{COMPLETE}")),
     // Release needs no clock.
-    release: Script::new(RELEASE),
+    release: LuaScript::new(RELEASE.to_owned()),
 });
+
+/// The connection a store talks over: one server through the connection manager, or a
+/// cluster through the cluster client, which follows `MOVED`/`ASK` and refreshes its slot map.
+#[derive(Clone)]
+enum Connection {
+    Single(ConnectionManager),
+    #[cfg(feature = "redis-cluster")]
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl ConnectionLike for Connection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Self::Single(conn) => conn.req_packed_command(cmd),
+            #[cfg(feature = "redis-cluster")]
+            Self::Cluster(conn) => conn.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::Single(conn) => conn.req_packed_commands(pipeline, offset, count),
+            #[cfg(feature = "redis-cluster")]
+            Self::Cluster(conn) => conn.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Single(conn) => conn.get_db(),
+            #[cfg(feature = "redis-cluster")]
+            Self::Cluster(conn) => conn.get_db(),
+        }
+    }
+}
+
+/// What the Redis server's persistence settings mean for the records a [`RedisStore`] writes,
+/// as read from its configuration (`CONFIG GET appendonly`, `appendfsync` and `save`) when the
+/// store opened. On a cluster, the weakest of its masters.
+///
+/// "Runs once" holds only while Redis keeps the record: a record Redis forgets is a key that
+/// is free again, and its retry runs the handler a second time. Persistence is about restarts;
+/// replication is a separate matter: an asynchronous replica promoted by a failover lacks the
+/// writes it had not received yet, whatever the persistence, unless the store waits for
+/// replicas ([`RedisStore::wait_replicas`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RedisDurability {
+    /// No persistence (`appendonly no`, `save ""`): a restart of Redis forgets every record.
+    None,
+    /// RDB snapshots only (`appendonly no`, `save` set): a restart loses every record written
+    /// since the last snapshot, minutes of them with the usual `save` rules.
+    Snapshots,
+    /// Append-only file with `appendfsync no`: a restart of the Redis process loses nothing
+    /// (the file is written before Redis replies), a crash of the machine loses what the
+    /// operating system had not flushed yet (typically up to 30 s).
+    AppendOnlyNoFsync,
+    /// Append-only file with `appendfsync everysec` (Redis' default for AOF): a restart of the
+    /// Redis process loses nothing, a crash of the machine up to about a second of records.
+    AppendOnlyEverySec,
+    /// Append-only file with `appendfsync always`: every write is on disk before Redis
+    /// replies; nothing acknowledged is lost to a restart or a machine crash.
+    AppendOnlyAlways,
+    /// The store could not tell: `CONFIG` is disabled or renamed, or the user may not run it
+    /// (managed Redis services often do this). Find out from the provider.
+    Unknown,
+}
+
+impl RedisDurability {
+    /// Whether records survive a restart of the Redis process (they may still be lost to a
+    /// crash of the machine; see each variant). `false` for [`Unknown`](Self::Unknown).
+    pub fn survives_restart(self) -> bool {
+        matches!(
+            self,
+            Self::AppendOnlyNoFsync | Self::AppendOnlyEverySec | Self::AppendOnlyAlways
+        )
+    }
+
+    /// From the values of `appendonly`, `appendfsync` and `save` on one server.
+    fn from_config(appendonly: &str, appendfsync: &str, save: &str) -> Self {
+        if appendonly.eq_ignore_ascii_case("yes") {
+            match appendfsync.to_ascii_lowercase().as_str() {
+                "always" => Self::AppendOnlyAlways,
+                "everysec" => Self::AppendOnlyEverySec,
+                "no" => Self::AppendOnlyNoFsync,
+                _ => Self::Unknown,
+            }
+        } else if save.trim().is_empty() {
+            Self::None
+        } else {
+            Self::Snapshots
+        }
+    }
+
+    /// Weakest first, for the minimum over a cluster's masters.
+    fn rank(self) -> u8 {
+        match self {
+            Self::Unknown => 0,
+            Self::None => 1,
+            Self::Snapshots => 2,
+            Self::AppendOnlyNoFsync => 3,
+            Self::AppendOnlyEverySec => 4,
+            Self::AppendOnlyAlways => 5,
+        }
+    }
+}
+
+/// The text of a reply value.
+fn text(value: &Value) -> Option<String> {
+    match value {
+        Value::BulkString(bytes) => Some(String::from_utf8_lossy(bytes).into_owned()),
+        Value::SimpleString(s) => Some(s.clone()),
+        Value::VerbatimString { text, .. } => Some(text.clone()),
+        _ => None,
+    }
+}
+
+/// The value of `name` in a `CONFIG GET` reply (a flat array in RESP2, a map in RESP3).
+fn config_value(reply: &Value, name: &str) -> Option<String> {
+    let matches = |k: &Value| text(k).is_some_and(|k| k.eq_ignore_ascii_case(name));
+    match reply {
+        Value::Array(items) => items
+            .chunks(2)
+            .find(|pair| pair.len() == 2 && matches(&pair[0]))
+            .and_then(|pair| text(&pair[1])),
+        Value::Map(pairs) => pairs
+            .iter()
+            .find(|(k, _)| matches(k))
+            .and_then(|(_, v)| text(v)),
+        _ => None,
+    }
+}
+
+/// `CONFIG GET name` on the server, or on every master of a cluster: one value per server,
+/// keyed by its address (empty for a single server).
+async fn config_get(conn: &mut Connection, name: &str) -> RedisResult<Vec<(String, String)>> {
+    let mut cmd = redis::cmd("CONFIG");
+    cmd.arg("GET").arg(name);
+    let not_found = || RedisError::from((ErrorKind::Client, "no such configuration parameter"));
+    match conn {
+        Connection::Single(conn) => {
+            let reply: Value = cmd.query_async(conn).await?;
+            let value = config_value(&reply, name).ok_or_else(not_found)?;
+            Ok(vec![(String::new(), value)])
+        }
+        #[cfg(feature = "redis-cluster")]
+        Connection::Cluster(conn) => {
+            use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo};
+            let routing = RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None));
+            let reply = conn.route_command(cmd, routing).await?;
+            let Value::Map(nodes) = reply else {
+                return Err(not_found());
+            };
+            nodes
+                .into_iter()
+                .map(|(node, reply)| {
+                    if let Value::ServerError(error) = reply {
+                        return Err(RedisError::from(error));
+                    }
+                    let value = config_value(&reply, name).ok_or_else(not_found)?;
+                    Ok((text(&node).unwrap_or_default(), value))
+                })
+                .collect()
+        }
+    }
+}
+
+/// Reads the persistence settings; [`RedisDurability::Unknown`] when any of them cannot be
+/// read, with the reason.
+async fn read_durability(conn: &mut Connection) -> (RedisDurability, Option<RedisError>) {
+    let read = async {
+        let appendonly = config_get(conn, "appendonly").await?;
+        let appendfsync = config_get(conn, "appendfsync").await?;
+        let save = config_get(conn, "save").await?;
+        let setting = |values: &[(String, String)], node: &str| {
+            values
+                .iter()
+                .find(|(n, _)| n == node)
+                .map(|(_, v)| v.clone())
+                .unwrap_or_default()
+        };
+        let weakest = appendonly
+            .iter()
+            .map(|(node, appendonly)| {
+                RedisDurability::from_config(
+                    appendonly,
+                    &setting(&appendfsync, node),
+                    &setting(&save, node),
+                )
+            })
+            .min_by_key(|d| d.rank())
+            .unwrap_or(RedisDurability::Unknown);
+        Ok::<_, RedisError>(weakest)
+    };
+    match read.await {
+        Ok(durability) => (durability, None),
+        Err(error) => (RedisDurability::Unknown, Some(error)),
+    }
+}
+
+/// Replica acknowledgement, as set by [`RedisStore::wait_replicas`].
+#[derive(Debug, Clone, Copy)]
+struct WaitReplicas {
+    replicas: u32,
+    timeout_ms: u64,
+}
+
+/// The source of the error a `begin` or `complete` returns when fewer replicas than asked for
+/// acknowledged its write within the timeout.
+#[derive(Debug)]
+struct NotAcknowledged {
+    wanted: u32,
+    acknowledged: i64,
+    timeout_ms: u64,
+}
+
+impl fmt::Display for NotAcknowledged {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "WAIT {} {}: {} replica(s) acknowledged the write",
+            self.wanted, self.timeout_ms, self.acknowledged
+        )
+    }
+}
+
+impl std::error::Error for NotAcknowledged {}
 
 /// A store in Redis, for services that run as several instances: every instance sees every
 /// record, and leases and TTLs run on the Redis server's clock, so instances need not agree on
 /// the time.
 ///
-/// Built on [`ConnectionManager`], which multiplexes calls over one connection and reconnects
-/// by itself; while Redis cannot be reached, calls fail with
-/// [`StoreErrorKind::Unavailable`] (the driver error is the [`source`](std::error::Error::source))
-/// and the layer answers `503` (see [`StoreFailure`](crate::StoreFailure)). Needs Redis 5 or
-/// later (or Valkey); every record is one key, so it works on Redis Cluster too.
+/// One server ([`open`](Self::open), on the `redis` crate's [`ConnectionManager`], which
+/// multiplexes calls over one connection and reconnects by itself) or a Redis Cluster
+/// ([`open_cluster`](Self::open_cluster), feature `redis-cluster`, on the crate's cluster
+/// client, which follows `MOVED` and `ASK` and refreshes its slot map after a failover).
+/// While Redis cannot be reached, calls fail with [`StoreErrorKind::Unavailable`] (the driver
+/// error is the [`source`](std::error::Error::source): "connection refused", a `MOVED` reply,
+/// an I/O error) and the layer answers `503` (see [`StoreFailure`](crate::StoreFailure)).
+/// Needs Redis 5 or later (or Valkey).
 ///
 /// ```no_run
 /// # async fn run() -> Result<(), tower_idempotency::store::StoreError> {
@@ -117,6 +375,39 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
 /// let layer = IdempotencyLayer::new().post("/calls").store(store);
 /// # let _ = layer; Ok(()) }
 /// ```
+///
+/// # What survives, and what does not
+///
+/// The handler runs at most once per record *while Redis keeps the record*. A record that
+/// Redis forgets is a free key, and a retry with it runs the handler again.
+///
+/// - **Restarts** depend on the server's persistence, which the store reads when it opens
+///   ([`durability`](Self::durability), see [`RedisDurability`]): without persistence a
+///   restart forgets every record; with RDB snapshots only, the records since the last
+///   snapshot; with AOF and `appendfsync everysec`, a restart of the Redis process loses
+///   nothing and a crash of the machine up to about a second of records. When records would
+///   not survive a restart, or the settings cannot be read, [`open`](Self::open) logs one
+///   warning (`tracing`, target `tower_idempotency`).
+/// - **Failovers.** Redis replicates asynchronously: a replica promoted after its master
+///   died lacks the writes it had not received, so a lease or a stored response that a client
+///   has already seen can be forgotten, and the retry runs again. With
+///   [`wait_replicas`](Self::wait_replicas), `begin` and `complete` succeed only once that
+///   many replicas have the write (`WAIT`), so a failover to one of them forgets neither.
+///   `WAIT` does not make Redis strongly consistent: a failover to a replica that did not
+///   acknowledge (if there are more replicas than you wait for), or a failover during a
+///   network partition, can still lose the write.
+///
+/// # Timeouts
+///
+/// The store sets no response timeout of its own: the layer's
+/// [`store_timeout`](crate::IdempotencyLayer::store_timeout) (2 s by default) governs every
+/// call. [`open`](Self::open) and [`open_cluster`](Self::open_cluster) switch off the `redis`
+/// crate's response timeout (500 ms by default for the connection manager), which would
+/// otherwise fail every call slower than half a second. A call that the layer stops waiting
+/// for keeps its place on the connection, and its reply is dropped when it comes; a `begin`
+/// that fails without an answer releases the lease it may have taken (see below). If you build
+/// the connection yourself ([`new`](Self::new), [`from_cluster`](Self::from_cluster)), give
+/// it no response timeout shorter than the layer's store timeout, or the shorter one governs.
 ///
 /// # Data layout
 ///
@@ -129,23 +420,27 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
 /// | `d` | the deadline, milliseconds since the Unix epoch on the server's clock, in decimal: the lease expiry while in flight, completion time plus TTL once completed | always |
 /// | `t` | the lease token, 16 raw bytes | in flight |
 /// | `r` | the response, [`StoredResponse::encode`]d: status, headers and body as length-prefixed binary | completed |
+/// | `c` | the token that completed the record, 16 raw bytes, so that the owner's repeated `complete` is told from a stranger's (see [`wait_replicas`](Self::wait_replicas)) | completed |
 ///
 /// Nothing is base64 or JSON: a completed record with a 100-byte body and two short headers
-/// holds about 230 bytes of values, and took 592 bytes of Redis memory in all (`MEMORY USAGE`,
-/// Redis 7.0, x86_64).
+/// holds about 250 bytes of values, and took about 600 bytes of Redis memory in all
+/// (`MEMORY USAGE`, Redis 7.0, x86_64).
+///
+/// Every script touches exactly one key, the record's, passed in `KEYS`, so on a cluster each
+/// call goes to the one master that holds the key's slot.
 ///
 /// # Round trips
 ///
 /// | call | round trips | what runs on the server |
 /// |---|---|---|
-/// | `begin` | 1 | one script: read the record; if absent or past its deadline, write a new lease |
-/// | `complete` | 1 | one script: compare the token, write the response and its deadline |
+/// | `begin` | 1 | one script: read the record; if absent or past its deadline, write a new lease (with [`wait_replicas`](Self::wait_replicas): followed by `WAIT` in the same round trip) |
+/// | `complete` | 1 | one script: compare the token, write the response and its deadline (with `wait_replicas`: followed by `WAIT`) |
 /// | `renew` | 1 | one script: compare the token, move the deadline |
 /// | `release` | 1 | one script: compare the token, delete the key |
 /// | `wait` | 0 | none: sleeps for its timeout, so a waiting duplicate polls `begin` with the layer's backoff (20 ms doubling to 500 ms) |
 ///
-/// Scripts run by `EVALSHA`; the first call of each script on a server that has not seen it
-/// (after a restart or `SCRIPT FLUSH`) loads it first, once.
+/// Scripts run by `EVALSHA`; on a server that has not seen a script (after a restart, a
+/// failover or `SCRIPT FLUSH`), the call is sent once more with `EVAL` and the source.
 ///
 /// # Expiry
 ///
@@ -161,42 +456,133 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 #[derive(Clone)]
 pub struct RedisStore {
-    conn: ConnectionManager,
+    conn: Connection,
     prefix: Arc<str>,
+    wait: Option<WaitReplicas>,
+    durability: Option<RedisDurability>,
 }
 
 impl fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match self.conn {
+            Connection::Single(_) => "single",
+            #[cfg(feature = "redis-cluster")]
+            Connection::Cluster(_) => "cluster",
+        };
         f.debug_struct("RedisStore")
+            .field("connection", &kind)
             .field("prefix", &self.prefix)
+            .field("wait", &self.wait)
+            .field("durability", &self.durability)
             .finish_non_exhaustive()
     }
 }
 
 impl RedisStore {
-    /// A store on `conn`, with the default prefix `idempotency:`.
-    pub fn new(conn: ConnectionManager) -> Self {
+    fn with_connection(conn: Connection) -> Self {
         Self {
             conn,
             prefix: Arc::from(DEFAULT_PREFIX),
+            wait: None,
+            durability: None,
         }
     }
 
-    /// Connects to `url` (`redis://host:port/db`, `rediss://` for TLS when the `redis` crate
-    /// has a TLS feature enabled) with a [`ConnectionManager`] of default settings, and returns
-    /// a store with the default prefix.
+    /// A store on `conn`, with the default prefix `idempotency:`. Does not read the server's
+    /// persistence settings (call [`check_durability`](Self::check_durability) for that), and
+    /// keeps `conn`'s response timeout (see [Timeouts](Self#timeouts)).
+    pub fn new(conn: ConnectionManager) -> Self {
+        Self::with_connection(Connection::Single(conn))
+    }
+
+    /// Connects to `url` (`redis://[user:password@]host:port/db`, `rediss://` for TLS when the
+    /// `redis` crate has a TLS feature enabled) with a [`ConnectionManager`] of default
+    /// settings except for the response timeout, which is off (the layer's store timeout
+    /// governs), reads the server's persistence settings ([`check_durability`](Self::check_durability)),
+    /// and returns a store with the default prefix.
     ///
-    /// Returns once connected. Errors with [`StoreErrorKind::Unavailable`] if the URL is
-    /// invalid, or if the server cannot be reached within the connection manager's retries
-    /// (about 10 s with its defaults; build a [`ConnectionManager`] with your own
-    /// `ConnectionManagerConfig` and use [`new`](Self::new) to choose otherwise).
+    /// Returns once connected. Errors with [`StoreErrorKind::Unavailable`], the driver error as
+    /// its source, if the URL is invalid, or if the server cannot be reached within the
+    /// connection manager's retries (about 10 s with its defaults; build a
+    /// [`ConnectionManager`] with your own `ConnectionManagerConfig` and use
+    /// [`new`](Self::new) to choose otherwise). Neither the error's message nor its source
+    /// contains the URL.
     pub async fn open(url: &str) -> Result<Self, StoreError> {
         let client = redis::Client::open(url).map_err(StoreError::unavailable)?;
+        let config = ConnectionManagerConfig::new().set_response_timeout(None);
         let conn = client
-            .get_connection_manager()
+            .get_connection_manager_with_config(config)
             .await
             .map_err(StoreError::unavailable)?;
-        Ok(Self::new(conn))
+        Ok(Self::new(conn).check_durability().await)
+    }
+
+    /// A store on a Redis Cluster connection, with the default prefix. Does not read the
+    /// masters' persistence settings (call [`check_durability`](Self::check_durability) for
+    /// that).
+    #[cfg(feature = "redis-cluster")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis-cluster")))]
+    pub fn from_cluster(conn: redis::cluster_async::ClusterConnection) -> Self {
+        Self::with_connection(Connection::Cluster(conn))
+    }
+
+    /// Connects to the Redis Cluster that `nodes` belong to (one or more seed URLs,
+    /// `redis://host:port`; the others are found from them) with the `redis` crate's cluster
+    /// client of default settings (no response timeout: the layer's store timeout governs),
+    /// reads the masters' persistence settings, and returns a store with the default prefix.
+    ///
+    /// Each record is one key, and each call one script on that key, so each call goes to the
+    /// master that holds the key's slot; after a failover the client refreshes its slot map and
+    /// follows `MOVED`, with no restart of the application. Errors with
+    /// [`StoreErrorKind::Unavailable`] (driver error as source) if a URL is invalid or no seed
+    /// node answers.
+    #[cfg(feature = "redis-cluster")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis-cluster")))]
+    pub async fn open_cluster<S: AsRef<str>>(
+        nodes: impl IntoIterator<Item = S>,
+    ) -> Result<Self, StoreError> {
+        let nodes: Vec<String> = nodes.into_iter().map(|n| n.as_ref().to_owned()).collect();
+        let client = redis::cluster::ClusterClient::new(nodes.iter().map(String::as_str))
+            .map_err(StoreError::unavailable)?;
+        let conn = client
+            .get_async_connection()
+            .await
+            .map_err(StoreError::unavailable)?;
+        Ok(Self::from_cluster(conn).check_durability().await)
+    }
+
+    /// Reads the server's persistence settings (`CONFIG GET appendonly`, `appendfsync`,
+    /// `save`; on a cluster, those of every master, keeping the weakest), keeps them for
+    /// [`durability`](Self::durability), and logs one warning (`tracing`, target
+    /// `tower_idempotency`) when records would not survive a restart of Redis, or when the
+    /// settings cannot be read. [`open`](Self::open) and [`open_cluster`](Self::open_cluster)
+    /// call it; never fails.
+    pub async fn check_durability(mut self) -> Self {
+        let (durability, error) = read_durability(&mut self.conn).await;
+        match (durability, error) {
+            (RedisDurability::Unknown, Some(error)) => tracing::warn!(
+                target: "tower_idempotency",
+                error = %error,
+                "could not tell whether Redis keeps idempotency records across a restart \
+                 (CONFIG GET failed); if it does not, a retry after a restart runs the request again"
+            ),
+            (durability, _) if !durability.survives_restart() => tracing::warn!(
+                target: "tower_idempotency",
+                ?durability,
+                "Redis does not keep idempotency records across a restart (no append-only \
+                 file); a retry after a restart runs the request again"
+            ),
+            _ => {}
+        }
+        self.durability = Some(durability);
+        self
+    }
+
+    /// What the server's persistence settings mean for the records, as read when the store
+    /// opened; `None` if they were never read ([`new`](Self::new) and
+    /// [`from_cluster`](Self::from_cluster) without [`check_durability`](Self::check_durability)).
+    pub fn durability(&self) -> Option<RedisDurability> {
+        self.durability
     }
 
     /// The prefix of every key this store writes. Default: `idempotency:`. Give each
@@ -211,16 +597,123 @@ impl RedisStore {
         &self.prefix
     }
 
+    /// Makes `begin` and `complete` wait until `replicas` replicas have their write
+    /// (`WAIT replicas timeout`, sent in the same round trip as the write, on the same
+    /// connection), so that a failover to one of those replicas forgets neither a lease nor
+    /// a stored response that a client has seen. Default: off (Redis replicates
+    /// asynchronously, and a failover may lose the last writes). `timeout` is rounded up to
+    /// whole milliseconds, at least 1 ms; `replicas` of 0 turns waiting off.
+    ///
+    /// When fewer than `replicas` acknowledge within `timeout`:
+    ///
+    /// - `begin` that took a lease releases it (token-checked, so only its own lease) and fails
+    ///   with [`StoreErrorKind::Unavailable`]: the request is answered `503` and its handler
+    ///   does not run, so nothing runs on a lease a failover could forget.
+    /// - `complete` fails with [`StoreErrorKind::Unavailable`]; the response is stored on the
+    ///   master, and the layer tries `complete` again. That repeated `complete` by the same
+    ///   owner (same token) waits again and returns `Ok(true)` once acknowledged; this is the
+    ///   one place where this store answers a second `complete` with the same token `true`
+    ///   (without `wait_replicas` it answers `false`, as the store contract says), and it
+    ///   changes nothing in the record.
+    ///
+    /// The source of either error says how many replicas acknowledged. A `begin` that finds
+    /// the record in flight or completed does not fail for missing acknowledgements.
+    /// `renew` and `release` never wait: a failover that loses one makes the lease last
+    /// shorter, or longer up to its deadline.
+    ///
+    /// The calls take up to `timeout` longer when replicas lag: keep the layer's
+    /// [`store_timeout`](crate::IdempotencyLayer::store_timeout) above `timeout` plus a
+    /// round trip. On a cluster, `WAIT` goes to the master that took the write and counts its
+    /// replicas.
+    pub fn wait_replicas(mut self, replicas: u32, timeout: Duration) -> Self {
+        self.wait = (replicas > 0).then(|| WaitReplicas {
+            replicas,
+            timeout_ms: millis(timeout),
+        });
+        self
+    }
+
     fn redis_key(&self, key: &StoreKey) -> String {
         format!("{}{}", self.prefix, key.to_hex())
     }
 
-    /// A `begin` that failed without an answer (the reply came after the connection's response
-    /// timeout, say) may still have run, and taken a lease under `token` that nobody will
-    /// complete or release: the key would answer 409 until the lease ran out. So release it,
-    /// best effort and without waiting: the release is queued at once on the same connection,
-    /// behind the `begin`, and drops the lease only if `token` holds it. It is sent with its
-    /// source (`EVAL`), since its answer, `NOSCRIPT` included, may come too late as well.
+    /// Runs `script` on `key`; with `acknowledged` and [`wait_replicas`](Self::wait_replicas)
+    /// set, followed by `WAIT` in the same pipeline (so on the same connection, right after the
+    /// write), returning how many replicas acknowledged. A server that does not know the
+    /// script (`NOSCRIPT`) gets it once more with its source.
+    async fn run(
+        &self,
+        script: &LuaScript,
+        key: &str,
+        args: &[&[u8]],
+        acknowledged: bool,
+    ) -> RedisResult<(Value, Option<i64>)> {
+        let mut conn = self.conn.clone();
+        let mut by_source = false;
+        loop {
+            let mut cmd = if by_source {
+                let mut cmd = redis::cmd("EVAL");
+                cmd.arg(&script.source);
+                cmd
+            } else {
+                let mut cmd = redis::cmd("EVALSHA");
+                cmd.arg(&script.hash);
+                cmd
+            };
+            cmd.arg(1).arg(key);
+            for arg in args {
+                cmd.arg(*arg);
+            }
+            let result = match self.wait.filter(|_| acknowledged) {
+                None => cmd
+                    .query_async::<Value>(&mut conn)
+                    .await
+                    .map(|reply| (reply, None)),
+                Some(wait) => {
+                    let mut pipe = redis::pipe();
+                    pipe.add_command(cmd)
+                        .cmd("WAIT")
+                        .arg(wait.replicas)
+                        .arg(wait.timeout_ms);
+                    pipe.query_async::<(Value, i64)>(&mut conn)
+                        .await
+                        .map(|(reply, acked)| (reply, Some(acked)))
+                }
+            };
+            match result {
+                Err(error)
+                    if !by_source
+                        && error.kind() == ErrorKind::Server(ServerErrorKind::NoScript) =>
+                {
+                    by_source = true;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    /// The error for a write that fewer replicas than asked for acknowledged, if so.
+    fn unacknowledged(&self, acked: Option<i64>) -> Option<StoreError> {
+        let (wait, acked) = (self.wait?, acked?);
+        (acked < i64::from(wait.replicas)).then(|| {
+            StoreError::new(
+                StoreErrorKind::Unavailable,
+                "Redis replicas did not acknowledge the write in time",
+            )
+            .with_source(NotAcknowledged {
+                wanted: wait.replicas,
+                acknowledged: acked,
+                timeout_ms: wait.timeout_ms,
+            })
+        })
+    }
+
+    /// A `begin` that failed without an answer (the connection broke, say) may still have
+    /// run, and taken a lease under `token` that nobody will complete or release: the key
+    /// would answer 409 until the lease ran out. So release it, best effort and without
+    /// waiting: the release is queued at once on the same connection, behind the `begin`, and
+    /// drops the lease only if `token` holds it. It is sent with its source (`EVAL`), since its
+    /// answer, `NOSCRIPT` included, may come too late as well.
     fn undo_begin(&self, key: &StoreKey, token: LeaseToken) {
         let mut release = redis::cmd("EVAL");
         release
@@ -288,20 +781,32 @@ impl IdempotencyStore for RedisStore {
     ) -> Result<Begin, StoreError> {
         let token = LeaseToken::random();
         let lease = millis(lease);
-        let reply: Value = SCRIPTS
-            .begin
-            .key(self.redis_key(key))
-            .arg(&fingerprint.0[..])
-            .arg(&token.to_bytes()[..])
-            .arg(lease)
-            .arg(lease.saturating_mul(2))
-            .invoke_async(&mut self.conn.clone())
+        let (reply, acked) = self
+            .run(
+                &SCRIPTS.begin,
+                &self.redis_key(key),
+                &[
+                    &fingerprint.0[..],
+                    &token.to_bytes()[..],
+                    lease.to_string().as_bytes(),
+                    lease.saturating_mul(2).to_string().as_bytes(),
+                ],
+                true,
+            )
             .await
             .map_err(|error| {
                 self.undo_begin(key, token);
                 StoreError::unavailable(error)
             })?;
-        begin_outcome(reply, token)
+        let outcome = begin_outcome(reply, token)?;
+        if matches!(outcome, Begin::Acquired(_)) {
+            if let Some(error) = self.unacknowledged(acked) {
+                // Nothing may run on a lease that a failover could forget: give it back.
+                let _ = self.release(key, token).await;
+                return Err(error);
+            }
+        }
+        Ok(outcome)
     }
 
     async fn renew(
@@ -311,16 +816,20 @@ impl IdempotencyStore for RedisStore {
         lease: Duration,
     ) -> Result<bool, StoreError> {
         let lease = millis(lease);
-        let renewed: i64 = SCRIPTS
-            .renew
-            .key(self.redis_key(key))
-            .arg(&token.to_bytes()[..])
-            .arg(lease)
-            .arg(lease.saturating_mul(2))
-            .invoke_async(&mut self.conn.clone())
+        let (reply, _) = self
+            .run(
+                &SCRIPTS.renew,
+                &self.redis_key(key),
+                &[
+                    &token.to_bytes()[..],
+                    lease.to_string().as_bytes(),
+                    lease.saturating_mul(2).to_string().as_bytes(),
+                ],
+                false,
+            )
             .await
             .map_err(StoreError::unavailable)?;
-        Ok(renewed == 1)
+        flag(reply)
     }
 
     async fn complete(
@@ -330,27 +839,56 @@ impl IdempotencyStore for RedisStore {
         response: &StoredResponse,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
-        let completed: i64 = SCRIPTS
-            .complete
-            .key(self.redis_key(key))
-            .arg(&token.to_bytes()[..])
-            .arg(response.encode())
-            .arg(millis(ttl))
-            .invoke_async(&mut self.conn.clone())
+        let (reply, acked) = self
+            .run(
+                &SCRIPTS.complete,
+                &self.redis_key(key),
+                &[
+                    &token.to_bytes()[..],
+                    &response.encode(),
+                    millis(ttl).to_string().as_bytes(),
+                ],
+                true,
+            )
             .await
             .map_err(StoreError::unavailable)?;
-        Ok(completed == 1)
+        let completed = match reply {
+            Value::Int(1) => true,
+            // Completed by this token before. The contract answers `false`; with replica
+            // acknowledgement the owner's repeat of a complete that failed unacknowledged
+            // succeeds once acknowledged, as `wait_replicas` documents.
+            Value::Int(2) => self.wait.is_some(),
+            Value::Int(0) => false,
+            _ => return Err(corrupt()),
+        };
+        if completed {
+            if let Some(error) = self.unacknowledged(acked) {
+                return Err(error);
+            }
+        }
+        Ok(completed)
     }
 
     async fn release(&self, key: &StoreKey, token: LeaseToken) -> Result<bool, StoreError> {
-        let released: i64 = SCRIPTS
-            .release
-            .key(self.redis_key(key))
-            .arg(&token.to_bytes()[..])
-            .invoke_async(&mut self.conn.clone())
+        let (reply, _) = self
+            .run(
+                &SCRIPTS.release,
+                &self.redis_key(key),
+                &[&token.to_bytes()[..]],
+                false,
+            )
             .await
             .map_err(StoreError::unavailable)?;
-        Ok(released == 1)
+        flag(reply)
+    }
+}
+
+/// Reads a script's 0-or-1 reply.
+fn flag(reply: Value) -> Result<bool, StoreError> {
+    match reply {
+        Value::Int(0) => Ok(false),
+        Value::Int(1) => Ok(true),
+        _ => Err(corrupt()),
     }
 }
 
