@@ -136,19 +136,21 @@ pub fn replica_of(master: &RedisServer) -> RedisServer {
     replica
 }
 
-/// A private Redis Cluster: three masters, three replicas (one each), no persistence.
+/// A private Redis Cluster: three masters, each with its replicas, no persistence.
 pub struct RedisCluster {
     /// Masters first, then replicas, as `redis-cli --cluster create` was given them.
     pub nodes: Vec<RedisServer>,
+    replicas: usize,
 }
 
 impl RedisCluster {
-    /// Starts six cluster-enabled servers with `cluster-node-timeout` `node_timeout_ms`, joins
-    /// them with `redis-cli --cluster create --cluster-replicas 1`, and waits until every node
-    /// says `cluster_state:ok` and every master has its replica online.
-    pub fn start(node_timeout_ms: u64) -> Self {
+    /// Starts `3 * (1 + replicas)` cluster-enabled servers with `cluster-node-timeout`
+    /// `node_timeout_ms`, joins them with `redis-cli --cluster create --cluster-replicas
+    /// <replicas>`, and waits until every node says `cluster_state:ok` and every master has
+    /// its replicas online.
+    pub fn start(node_timeout_ms: u64, replicas: usize) -> Self {
         let timeout = node_timeout_ms.to_string();
-        let nodes: Vec<RedisServer> = (0..6)
+        let nodes: Vec<RedisServer> = (0..3 * (1 + replicas))
             .map(|_| {
                 RedisServer::start(&[
                     "--cluster-enabled",
@@ -171,7 +173,7 @@ impl RedisCluster {
         let out = Command::new("redis-cli")
             .args(["--cluster", "create"])
             .args(&addrs)
-            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .output()
             .expect("redis-cli runs");
         assert!(
@@ -179,20 +181,24 @@ impl RedisCluster {
             "redis-cli --cluster create failed: {}",
             String::from_utf8_lossy(&out.stdout)
         );
-        let cluster = Self { nodes };
+        let cluster = Self { nodes, replicas };
         cluster.wait_healthy(Duration::from_secs(30));
         cluster
     }
 
-    /// Waits until every live node says `cluster_state:ok`, and every master has a replica
-    /// with its link up.
+    /// Waits until every live node says `cluster_state:ok`, every master has its replicas
+    /// online, and every replica its link to the master up.
     pub fn wait_healthy(&self, timeout: Duration) {
         wait_until("cluster_state:ok", timeout, || {
             self.nodes.iter().filter(|n| n.child.is_some()).all(|n| {
+                let replication = n.cli(&["INFO", "replication"]);
                 n.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok")
-                    && (!n.cli(&["ROLE"]).starts_with("master")
-                        || n.cli(&["INFO", "replication"])
-                            .contains("connected_slaves:1"))
+                    && if replication.contains("role:master") {
+                        replication.contains(&format!("connected_slaves:{}", self.replicas))
+                            && replication.matches("state=online").count() == self.replicas
+                    } else {
+                        replication.contains("master_link_status:up")
+                    }
             })
         });
     }

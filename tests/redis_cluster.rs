@@ -1,0 +1,306 @@
+//! `RedisStore` on a real Redis Cluster (`RedisStore::open_cluster`): the store conformance
+//! suite; two layers, each with its own connection, sharing the cluster; records spread over
+//! every master; and, on a private cluster of its own, the failover of a master.
+//!
+//! Reads `REDIS_CLUSTER_URL` (`redis://127.0.0.1:7000`, or several seed URLs separated by
+//! commas; `scripts/redis-cluster.sh start` starts one on 7000-7005). Unset: each test prints
+//! that it is skipped and passes, except under `CI=true`, where a missing URL fails. The
+//! failover test starts and kills `redis-server` processes of its own on other ports, so the
+//! shared cluster stays healthy. Every test writes under a prefix of its own.
+#![cfg(feature = "redis-cluster")]
+
+mod common;
+mod redis_servers;
+mod support;
+
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use axum::{Router, extract::State, routing::post};
+use http::StatusCode;
+use redis_servers::RedisCluster;
+use tokio::task::JoinSet;
+use tower_idempotency::{
+    IdempotencyLayer,
+    store::{RedisDurability, RedisStore},
+};
+
+/// The seed URLs in `REDIS_CLUSTER_URL`; `None` when the test is skipped.
+fn seeds(test: &str) -> Option<Vec<String>> {
+    let urls = common::service_url("REDIS_CLUSTER_URL", test)?;
+    Some(urls.split(',').map(|u| u.trim().to_owned()).collect())
+}
+
+fn unique_prefix() -> String {
+    format!("tower-idempotency-test:{}:", uuid::Uuid::new_v4().simple())
+}
+
+async fn open(seeds: &[String], prefix: &str) -> RedisStore {
+    RedisStore::open_cluster(seeds)
+        .await
+        .unwrap_or_else(|e| panic!("Redis Cluster at {seeds:?} does not answer: {e}"))
+        .prefix(prefix)
+}
+
+/// An app whose `POST /calls` counts its runs per idempotency key and sleeps `delay`.
+fn app(store: RedisStore, runs: Arc<Runs>, delay: Duration) -> Router {
+    Router::new()
+        .route(
+            "/calls",
+            post(
+                move |State(runs): State<Arc<Runs>>, headers: http::HeaderMap| async move {
+                    let key = headers[support::KEY].to_str().unwrap().to_owned();
+                    runs.hit(&key);
+                    tokio::time::sleep(delay).await;
+                    (StatusCode::CREATED, format!("created for {key}"))
+                },
+            ),
+        )
+        .with_state(runs)
+        .layer(
+            IdempotencyLayer::new()
+                .post("/calls")
+                .store(store)
+                .store_timeout(Duration::from_secs(2)),
+        )
+}
+
+/// Handler runs per idempotency key.
+#[derive(Default)]
+struct Runs(std::sync::Mutex<HashMap<String, usize>>);
+
+impl Runs {
+    fn hit(&self, key: &str) {
+        *self.0.lock().unwrap().entry(key.to_owned()).or_default() += 1;
+    }
+    fn of(&self, key: &str) -> usize {
+        self.0.lock().unwrap().get(key).copied().unwrap_or(0)
+    }
+    fn total(&self) -> usize {
+        self.0.lock().unwrap().values().sum()
+    }
+    fn most(&self) -> usize {
+        self.0.lock().unwrap().values().copied().max().unwrap_or(0)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance() {
+    let Some(seeds) = seeds("conformance") else {
+        return;
+    };
+    common::conformance::run_all(open(&seeds, &unique_prefix()).await).await;
+}
+
+/// Two layers, each with its own cluster connection (as two processes would have): 40
+/// concurrent requests with one key, split between them while the handler runs, run it once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_run_40_concurrent_duplicates_once() {
+    let Some(seeds) = seeds("two_instances_run_40_concurrent_duplicates_once") else {
+        return;
+    };
+    let prefix = unique_prefix();
+    let runs = Arc::new(Runs::default());
+    let apps = [
+        app(
+            open(&seeds, &prefix).await,
+            runs.clone(),
+            Duration::from_millis(400),
+        ),
+        app(
+            open(&seeds, &prefix).await,
+            runs.clone(),
+            Duration::from_millis(400),
+        ),
+    ];
+    let mut requests = JoinSet::new();
+    for i in 0..40 {
+        let app = apps[i % 2].clone();
+        requests.spawn(async move {
+            support::send(
+                &app,
+                support::request("/calls", Some("dup-1"), r#"{"to":"+1"}"#),
+            )
+            .await
+        });
+    }
+    let mut statuses: HashMap<StatusCode, usize> = HashMap::new();
+    while let Some(reply) = requests.join_next().await {
+        *statuses.entry(reply.unwrap().status).or_default() += 1;
+    }
+    assert_eq!(runs.of("dup-1"), 1, "the handler ran once: {statuses:?}");
+    assert_eq!(
+        statuses.get(&StatusCode::CREATED).copied().unwrap_or(0)
+            + statuses.get(&StatusCode::CONFLICT).copied().unwrap_or(0),
+        40,
+        "every request got the response or 409: {statuses:?}"
+    );
+    // After it finished, both instances replay it.
+    for app in &apps {
+        let reply = support::send(
+            app,
+            support::request("/calls", Some("dup-1"), r#"{"to":"+1"}"#),
+        )
+        .await;
+        assert_eq!(reply.status, StatusCode::CREATED);
+        assert!(reply.replayed());
+    }
+    assert_eq!(runs.total(), 1);
+}
+
+/// The masters of a cluster and how many keys under `prefix` each holds, found with
+/// `redis-cli` on the seed node.
+fn keys_per_master(seed_port: u16, prefix: &str) -> Vec<(u16, usize)> {
+    redis_servers::cli(seed_port, &["CLUSTER", "NODES"])
+        .lines()
+        .filter(|line| line.contains("master") && !line.contains("fail"))
+        .map(|line| {
+            let addr = line.split_whitespace().nth(1).unwrap();
+            let port: u16 = addr.split(['@', ':']).nth(1).unwrap().parse().unwrap();
+            let keys = redis_servers::cli(port, &["--scan", "--pattern", &format!("{prefix}*")])
+                .lines()
+                .filter(|l| !l.is_empty())
+                .count();
+            (port, keys)
+        })
+        .collect()
+}
+
+/// 100 distinct keys, whose records spread over the slots of every master: no 503, each
+/// handler once, each record on some master (and every master holds some).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn distinct_keys_spread_over_every_master_get_no_503() {
+    let Some(seeds) = seeds("distinct_keys_spread_over_every_master_get_no_503") else {
+        return;
+    };
+    let prefix = unique_prefix();
+    let runs = Arc::new(Runs::default());
+    let apps = [
+        app(open(&seeds, &prefix).await, runs.clone(), Duration::ZERO),
+        app(open(&seeds, &prefix).await, runs.clone(), Duration::ZERO),
+    ];
+    let mut requests = JoinSet::new();
+    for i in 0..100 {
+        let app = apps[i % 2].clone();
+        requests.spawn(async move {
+            let key = format!("spread-{i}");
+            support::send(&app, support::request("/calls", Some(&key), "{}")).await
+        });
+    }
+    while let Some(reply) = requests.join_next().await {
+        let reply = reply.unwrap();
+        assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
+        assert!(!reply.replayed());
+    }
+    assert_eq!(runs.total(), 100);
+    assert_eq!(runs.most(), 1);
+
+    let seed_port: u16 = seeds[0].rsplit(':').next().unwrap().parse().unwrap();
+    let spread = keys_per_master(seed_port, &prefix);
+    assert!(spread.len() >= 3, "three masters: {spread:?}");
+    assert_eq!(
+        spread.iter().map(|(_, n)| n).sum::<usize>(),
+        100,
+        "{spread:?}"
+    );
+    assert!(
+        spread.iter().all(|(_, n)| *n > 0),
+        "every master: {spread:?}"
+    );
+}
+
+/// A master killed (SIGKILL) on a private cluster (three masters with two replicas each,
+/// `cluster-node-timeout` 1000 ms): one of its replicas is promoted, requests whose records live on it get 503 until then, and afterwards
+/// every request runs again on the same store, with no restart. Every response stored (with
+/// `wait_replicas(1, ..)`) before the kill is replayed after it, and no handler ran twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_failover_interrupts_briefly_and_loses_no_completed_response() {
+    let test = "a_master_failover_interrupts_briefly_and_loses_no_completed_response";
+    if seeds(test).is_none() {
+        return;
+    }
+    // Two replicas per master: after the failover, the promoted replica still has one, so
+    // that `wait_replicas(1, ..)` can be met.
+    let mut cluster = tokio::task::spawn_blocking(|| RedisCluster::start(1000, 2))
+        .await
+        .unwrap();
+    let store = RedisStore::open_cluster(cluster.urls())
+        .await
+        .unwrap()
+        .prefix(unique_prefix())
+        .wait_replicas(1, Duration::from_millis(500));
+    assert_eq!(store.durability(), Some(RedisDurability::None));
+    let runs = Arc::new(Runs::default());
+    let app = app(store, runs.clone(), Duration::ZERO);
+
+    // Responses stored and acknowledged by a replica.
+    let before: Vec<String> = (0..60).map(|i| format!("before-{i}")).collect();
+    for key in &before {
+        let reply = support::send(&app, support::request("/calls", Some(key), "{}")).await;
+        assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
+    }
+
+    // Kill the master of slot 0 (the first one created).
+    let victim = cluster.master_of_slot(0);
+    let killed = Instant::now();
+    cluster.nodes[victim].kill();
+
+    // Fresh keys, ten at a time every 100 ms, until a whole round succeeds after some failed.
+    let mut round = 0;
+    let mut first_failure: Option<Duration> = None;
+    let mut recovered: Option<Duration> = None;
+    let mut failed = 0;
+    let mut sent = 0;
+    while recovered.is_none() {
+        assert!(
+            killed.elapsed() < Duration::from_secs(30),
+            "no recovery within 30 s ({failed} of {sent} failed)"
+        );
+        let mut batch = JoinSet::new();
+        for i in 0..10 {
+            let app = app.clone();
+            let key = format!("during-{round}-{i}");
+            batch.spawn(async move {
+                let reply = support::send(&app, support::request("/calls", Some(&key), "{}")).await;
+                (key, reply)
+            });
+        }
+        let mut all_ok = true;
+        while let Some(done) = batch.join_next().await {
+            let (_, reply) = done.unwrap();
+            sent += 1;
+            match reply.status {
+                StatusCode::CREATED => {}
+                StatusCode::SERVICE_UNAVAILABLE => {
+                    failed += 1;
+                    all_ok = false;
+                    first_failure.get_or_insert(killed.elapsed());
+                }
+                other => panic!("unexpected {other}: {}", reply.text()),
+            }
+        }
+        if all_ok && first_failure.is_some() {
+            recovered = Some(killed.elapsed());
+        }
+        round += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let recovered = recovered.unwrap();
+    eprintln!(
+        "failover: first 503 {:?} after the kill, all requests served again {recovered:?} after \
+         it; {failed} of {sent} requests got 503",
+        first_failure.unwrap()
+    );
+
+    // Every response stored before the kill is replayed; nothing ran twice.
+    for key in &before {
+        let reply = support::send(&app, support::request("/calls", Some(key), "{}")).await;
+        assert_eq!(reply.status, StatusCode::CREATED, "{key}: {}", reply.text());
+        assert!(reply.replayed(), "{key} was replayed, not run again");
+    }
+    assert_eq!(runs.most(), 1, "no handler ran twice");
+    drop(cluster);
+}
