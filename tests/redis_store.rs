@@ -301,12 +301,12 @@ async fn durability_is_read_from_the_server_and_warned_about() {
         (
             &["--save", "", "--appendonly", "no"],
             RedisDurability::None,
-            Some("does not keep idempotency records across a restart"),
+            Some("Redis forgets idempotency records on a restart"),
         ),
         (
             &["--save", "3600 1", "--appendonly", "no"],
             RedisDurability::Snapshots,
-            Some("does not keep idempotency records across a restart"),
+            Some("Redis forgets idempotency records on a restart"),
         ),
         (
             &[
@@ -529,4 +529,64 @@ async fn errors_carry_the_driver_error_and_no_credentials() {
     assert!(text.to_lowercase().contains("refused"), "{text}");
     assert!(!text.contains("hunter2"), "{text}");
     assert!(!text.contains("127.0.0.1:1"), "{text}");
+}
+
+/// With no response timeout of the driver's own, the layer's store timeout is the one that
+/// ends a request's wait: a `begin` whose reply comes after it is answered 503, and the lease
+/// that `begin` took when the server ran it late is released, so the next try runs (not 409
+/// until the lease runs out).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_begin_answered_after_the_store_timeout_leaves_no_lease() {
+    if !private_servers("a_begin_answered_after_the_store_timeout_leaves_no_lease") {
+        return;
+    }
+    use axum::{Router, routing::post};
+    use http::StatusCode;
+    use std::sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    };
+
+    let server = RedisServer::start(&[
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--enable-debug-command",
+        "yes",
+    ]);
+    let store = RedisStore::open(&server.url()).await.unwrap();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let counter = runs.clone();
+    let app = Router::new()
+        .route(
+            "/calls",
+            post(move || {
+                counter.fetch_add(1, Ordering::SeqCst);
+                async { StatusCode::CREATED }
+            }),
+        )
+        .layer(
+            tower_idempotency::IdempotencyLayer::new()
+                .post("/calls")
+                .store(store)
+                .lease(Duration::from_secs(30))
+                .store_timeout(Duration::from_millis(300)),
+        );
+    let port = server.port;
+    let sleeper = std::thread::spawn(move || redis_servers::cli(port, &["DEBUG", "SLEEP", "1"]));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let reply = support::send(&app, support::request("/calls", Some("late-1"), "{}")).await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    sleeper.join().unwrap();
+    // The server has run the begin by now; its reply went to nobody.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        server.cli(&["DBSIZE"]).trim(),
+        "0",
+        "the late lease was released"
+    );
+    let reply = support::send(&app, support::request("/calls", Some("late-1"), "{}")).await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
 }

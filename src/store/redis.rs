@@ -404,8 +404,11 @@ impl std::error::Error for NotAcknowledged {}
 /// call. [`open`](Self::open) and [`open_cluster`](Self::open_cluster) switch off the `redis`
 /// crate's response timeout (500 ms by default for the connection manager), which would
 /// otherwise fail every call slower than half a second. A call that the layer stops waiting
-/// for keeps its place on the connection, and its reply is dropped when it comes; a `begin`
-/// that fails without an answer releases the lease it may have taken (see below). If you build
+/// for keeps its place on the connection, and its reply is dropped when it comes. A server
+/// that never answers (a dead peer that sends no TCP reset) holds calls until the operating
+/// system gives the connection up; the layer answers `503` after its store timeout meanwhile,
+/// and the connection manager reconnects once the connection fails. A `begin` that fails
+/// without an answer releases the lease it may have taken, queued behind it. If you build
 /// the connection yourself ([`new`](Self::new), [`from_cluster`](Self::from_cluster)), give
 /// it no response timeout shorter than the layer's store timeout, or the shorter one governs.
 ///
@@ -569,8 +572,9 @@ impl RedisStore {
             (durability, _) if !durability.survives_restart() => tracing::warn!(
                 target: "tower_idempotency",
                 ?durability,
-                "Redis does not keep idempotency records across a restart (no append-only \
-                 file); a retry after a restart runs the request again"
+                "Redis forgets idempotency records on a restart (no append-only file: all of \
+                 them without persistence, those since the last snapshot with RDB); a retry \
+                 after a restart runs the request again"
             ),
             _ => {}
         }
