@@ -216,6 +216,7 @@ async fn distinct_keys_spread_over_every_master_get_no_503() {
 /// `cluster-node-timeout` 1000 ms): one of its replicas is promoted, requests whose records live on it get 503 until then, and afterwards
 /// every request runs again on the same store, with no restart. Every response stored (with
 /// `wait_replicas(1, ..)`) before the kill is replayed after it, and no handler ran twice.
+/// First, the store's durability is that of the weakest master.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_master_failover_interrupts_briefly_and_loses_no_completed_response() {
     let test = "a_master_failover_interrupts_briefly_and_loses_no_completed_response";
@@ -227,12 +228,33 @@ async fn a_master_failover_interrupts_briefly_and_loses_no_completed_response() 
     let mut cluster = tokio::task::spawn_blocking(|| RedisCluster::start(1000, 2))
         .await
         .unwrap();
-    let store = RedisStore::open_cluster(cluster.urls())
-        .await
-        .unwrap()
+
+    // Durability is the weakest master's: AOF everywhere, then one master without.
+    let masters: Vec<usize> = (0..cluster.nodes.len())
+        .filter(|&i| {
+            cluster.nodes[i]
+                .cli(&["ROLE"])
+                .lines()
+                .next()
+                .is_some_and(|role| role.trim() == "master")
+        })
+        .collect();
+    assert_eq!(masters.len(), 3);
+    for &i in &masters {
+        cluster.nodes[i].cli(&["CONFIG", "SET", "appendonly", "yes"]);
+    }
+    let store = RedisStore::open_cluster(cluster.urls()).await.unwrap();
+    assert_eq!(
+        store.durability(),
+        Some(RedisDurability::AppendOnlyEverySec)
+    );
+    cluster.nodes[masters[1]].cli(&["CONFIG", "SET", "appendonly", "no"]);
+    let store = RedisStore::open_cluster(cluster.urls()).await.unwrap();
+    assert_eq!(store.durability(), Some(RedisDurability::None));
+
+    let store = store
         .prefix(unique_prefix())
         .wait_replicas(1, Duration::from_millis(500));
-    assert_eq!(store.durability(), Some(RedisDurability::None));
     let runs = Arc::new(Runs::default());
     let app = app(store, runs.clone(), Duration::ZERO);
 
