@@ -590,3 +590,84 @@ async fn a_begin_answered_after_the_store_timeout_leaves_no_lease() {
     assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
+
+/// Why `wait_replicas`: Redis replicates asynchronously, so a response stored on the master
+/// (`complete` answered `true`) that has not reached the replica yet is forgotten when the
+/// replica is promoted, and the retry would run the handler again. With `wait_replicas(1, ..)`
+/// the same situation is a store error (the layer does not count the response as stored), and
+/// a `begin` is refused. Replication to the replica goes through a proxy that the test holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_forgets_unacknowledged_writes_that_wait_replicas_reports() {
+    if !private_servers("a_failover_forgets_unacknowledged_writes_that_wait_replicas_reports") {
+        return;
+    }
+    let mut master = RedisServer::start(&["--save", "", "--appendonly", "no"]);
+    let proxy = redis_servers::HoldingProxy::start(master.port).await;
+    let replica = RedisServer::start(&[
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--replicaof",
+        "127.0.0.1",
+        &proxy.port.to_string(),
+    ]);
+    redis_servers::wait_until("the replica's link", Duration::from_secs(10), || {
+        replica
+            .cli(&["INFO", "replication"])
+            .contains("master_link_status:up")
+    });
+    let plain = RedisStore::open(&master.url()).await.unwrap();
+    let waiting = RedisStore::open(&master.url())
+        .await
+        .unwrap()
+        .wait_replicas(1, Duration::from_millis(300));
+
+    // Before the hold, a write reaches the replica.
+    let kept = random_key();
+    let token = acquire(&waiting, &kept, &random_fingerprint(), LONG).await;
+    assert!(
+        waiting
+            .complete(&kept, token, &marked_response("kept"), LONG)
+            .await
+            .unwrap()
+    );
+
+    proxy.hold(true);
+    // Without waiting: stored, as far as the layer can tell.
+    let forgotten = random_key();
+    let token = acquire(&plain, &forgotten, &random_fingerprint(), LONG).await;
+    assert!(
+        plain
+            .complete(&forgotten, token, &marked_response("lost"), LONG)
+            .await
+            .unwrap()
+    );
+    // Waiting: the same complete is an error, and a begin is refused.
+    let reported = random_key();
+    let token = acquire(&plain, &reported, &random_fingerprint(), LONG).await;
+    let error = waiting
+        .complete(&reported, token, &marked_response("x"), LONG)
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind(), StoreErrorKind::Unavailable);
+    let error = waiting
+        .begin(&random_key(), &random_fingerprint(), LONG)
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind(), StoreErrorKind::Unavailable);
+
+    // Failover: the master dies, the replica is promoted.
+    master.kill();
+    replica.cli(&["REPLICAOF", "NO", "ONE"]);
+    let promoted = RedisStore::open(&replica.url()).await.unwrap();
+    expect_completed(&promoted, &kept).await;
+    match promoted
+        .begin(&forgotten, &random_fingerprint(), LONG)
+        .await
+        .unwrap()
+    {
+        Begin::Acquired(_) => {}
+        other => panic!("the unacknowledged response was expected to be lost: {other:?}"),
+    }
+}

@@ -234,3 +234,59 @@ impl RedisCluster {
         panic!("no master serves slot {slot}");
     }
 }
+
+/// A TCP proxy on a free loopback port to `upstream`, whose replies (upstream to client) stop
+/// while it is held: what passes through stays unread in the upstream's socket.
+pub struct HoldingProxy {
+    pub port: u16,
+    hold: tokio::sync::watch::Sender<bool>,
+}
+
+impl HoldingProxy {
+    /// Starts forwarding to `127.0.0.1:upstream`, not held.
+    pub async fn start(upstream: u16) -> Self {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (hold, held) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                else {
+                    continue;
+                };
+                let (mut client_read, mut client_write) = client.into_split();
+                let (mut server_read, mut server_write) = server.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
+                });
+                let mut held = held.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0; 64 * 1024];
+                    loop {
+                        if held.wait_for(|held| !held).await.is_err() {
+                            return;
+                        }
+                        let n = match server_read.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        // Read before the hold began: held back as well.
+                        if held.wait_for(|held| !held).await.is_err() {
+                            return;
+                        }
+                        if client_write.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Self { port, hold }
+    }
+
+    /// Holds (`true`) or releases (`false`) the replies.
+    pub fn hold(&self, held: bool) {
+        self.hold.send_replace(held);
+    }
+}
