@@ -17,8 +17,8 @@
 //! TTL), not only by a backend's own eviction: an expired record is never returned as completed
 //! and an expired lease never reported as in flight.
 //!
-//! Backends: [`MemoryStore`] (always), `RedisStore` (feature `redis`), `PostgresStore`
-//! (feature `postgres`). `examples/custom_store.rs` shows a store of your own.
+//! Backends: [`MemoryStore`] (always), `RedisStore` (feature `redis`; on Redis Cluster with
+//! feature `redis-cluster`), `PostgresStore` (feature `postgres`). `examples/custom_store.rs` shows a store of your own.
 
 use std::{error::Error as StdError, fmt, time::Duration};
 
