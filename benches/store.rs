@@ -11,6 +11,11 @@
 //!   run.
 //! - `sweep/{100000,1000000}`: one `MemoryStore::sweep` call that removes that many expired
 //!   records (filling the store is not timed).
+//! - `redis/{single,cluster}/{1,64}` (feature `redis`, and `redis-cluster` for the cluster):
+//!   one `begin` (a new key) and its `complete` on `RedisStore` over the network, from one
+//!   task or from 64 at once on one store (one connection), against the Redis at `REDIS_URL`
+//!   and the Redis Cluster at `REDIS_CLUSTER_URL`; each is skipped when its variable is unset.
+//!   Records are written under `bench:<random>:` with a one-minute TTL.
 
 use std::time::{Duration, Instant};
 
@@ -171,9 +176,82 @@ fn sweep(c: &mut Criterion) {
     group.finish();
 }
 
+#[cfg(feature = "redis")]
+fn redis(c: &mut Criterion) {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    };
+    use tower_idempotency::store::RedisStore;
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let prefix = format!("bench:{}:", uuid::Uuid::new_v4().simple());
+    let mut stores: Vec<(&str, RedisStore)> = Vec::new();
+    if let Ok(url) = std::env::var("REDIS_URL") {
+        let store = rt
+            .block_on(RedisStore::open(&url))
+            .expect("REDIS_URL answers");
+        stores.push(("single", store.prefix(prefix.clone())));
+    }
+    #[cfg(feature = "redis-cluster")]
+    if let Ok(urls) = std::env::var("REDIS_CLUSTER_URL") {
+        let store = rt
+            .block_on(RedisStore::open_cluster(urls.split(',')))
+            .expect("REDIS_CLUSTER_URL answers");
+        stores.push(("cluster", store.prefix(prefix.clone())));
+    }
+    let mut group = c.benchmark_group("redis");
+    group.measurement_time(Duration::from_secs(3));
+    group.throughput(Throughput::Elements(1));
+    let next = Arc::new(AtomicU64::new(0));
+    let body = Arc::new(response(0));
+    for (name, store) in stores {
+        for tasks in [1u64, 64] {
+            let id = BenchmarkId::new(name, tasks);
+            group.bench_function(id, |b| {
+                b.iter_custom(|iters| {
+                    rt.block_on(async {
+                        let start = Instant::now();
+                        let mut set = tokio::task::JoinSet::new();
+                        for t in 0..tasks {
+                            let share = iters / tasks + u64::from(t < iters % tasks);
+                            let (store, next, body) = (store.clone(), next.clone(), body.clone());
+                            set.spawn(async move {
+                                for _ in 0..share {
+                                    let i = next.fetch_add(1, Ordering::Relaxed);
+                                    let key = key(i ^ 0x5eed_0000_0000_0000);
+                                    let Begin::Acquired(token) = store
+                                        .begin(&key, &Fingerprint(key.0), LEASE)
+                                        .await
+                                        .unwrap()
+                                    else {
+                                        panic!("a new key is acquired");
+                                    };
+                                    let ttl = Duration::from_secs(60);
+                                    assert!(store.complete(&key, token, &body, ttl).await.unwrap());
+                                }
+                            });
+                        }
+                        set.join_all().await;
+                        start.elapsed()
+                    })
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+#[cfg(not(feature = "redis"))]
+fn redis(_: &mut Criterion) {}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().warm_up_time(Duration::from_secs(1));
-    targets = scaling, sweep
+    targets = scaling, sweep, redis
 }
 criterion_main!(benches);

@@ -18,7 +18,8 @@ pub async fn build(config: &Config) -> Result<(Arc<dyn IdempotencyStore>, Resour
 }
 
 /// The Redis URL: `--redis-url`, else `$REDIS_URL`, else the local default.
-pub(crate) fn redis_url(config: &Config) -> String {
+#[cfg(feature = "redis")]
+fn redis_url(config: &Config) -> String {
     config
         .redis_url
         .clone()
@@ -27,7 +28,8 @@ pub(crate) fn redis_url(config: &Config) -> String {
 }
 
 /// The PostgreSQL URL: `--database-url`, else `$DATABASE_URL`, else the local default.
-pub(crate) fn database_url(config: &Config) -> String {
+#[cfg(feature = "postgres")]
+fn database_url(config: &Config) -> String {
     config
         .database_url
         .clone()

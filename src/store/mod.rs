@@ -17,8 +17,8 @@
 //! TTL), not only by a backend's own eviction: an expired record is never returned as completed
 //! and an expired lease never reported as in flight.
 //!
-//! Backends: [`MemoryStore`] (always), `RedisStore` (feature `redis`), `PostgresStore`
-//! (feature `postgres`). `examples/custom_store.rs` shows a store of your own.
+//! Backends: [`MemoryStore`] (always), `RedisStore` (feature `redis`; on Redis Cluster with
+//! feature `redis-cluster`), `PostgresStore` (feature `postgres`). `examples/custom_store.rs` shows a store of your own.
 
 use std::{error::Error as StdError, fmt, time::Duration};
 
@@ -34,7 +34,7 @@ pub use memory::{DEFAULT_MAX_BYTES, DEFAULT_MAX_RECORDS, MemoryStore, MemoryStor
 mod redis;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
-pub use self::redis::RedisStore;
+pub use self::redis::{RedisDurability, RedisStore};
 
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]

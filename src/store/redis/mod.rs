@@ -1,0 +1,406 @@
+//! [`RedisStore`]: records in Redis, one hash per key, every call one Lua script.
+
+use std::{fmt, sync::Arc, time::Duration};
+
+use futures_util::FutureExt;
+use redis::{
+    ErrorKind, RedisResult, ServerErrorKind, Value,
+    aio::{ConnectionManager, ConnectionManagerConfig},
+};
+
+mod calls;
+mod connection;
+mod durability;
+mod scripts;
+
+use calls::millis;
+use connection::Connection;
+pub use durability::RedisDurability;
+use durability::{NotAcknowledged, WaitReplicas, read_durability};
+use scripts::{LuaScript, RELEASE};
+
+use super::{LeaseToken, StoreError, StoreErrorKind, StoreKey};
+
+/// The default key prefix.
+const DEFAULT_PREFIX: &str = "idempotency:";
+
+/// A store in Redis, for services that run as several instances: every instance sees every
+/// record, and leases and TTLs run on the Redis server's clock, so instances need not agree on
+/// the time.
+///
+/// One server ([`open`](Self::open), on the `redis` crate's [`ConnectionManager`], which
+/// multiplexes calls over one connection and reconnects by itself) or a Redis Cluster
+/// ([`open_cluster`](Self::open_cluster), feature `redis-cluster`, on the crate's cluster
+/// client, which follows `MOVED` and `ASK` and refreshes its slot map after a failover).
+/// While Redis cannot be reached, calls fail with [`StoreErrorKind::Unavailable`] (the driver
+/// error is the [`source`](std::error::Error::source): "connection refused", a `MOVED` reply,
+/// an I/O error) and the layer answers `503` (see [`StoreFailure`](crate::StoreFailure)).
+/// Needs Redis 5 or later (or Valkey).
+///
+/// ```no_run
+/// # async fn run() -> Result<(), tower_idempotency::store::StoreError> {
+/// use tower_idempotency::{IdempotencyLayer, store::RedisStore};
+///
+/// let store = RedisStore::open("redis://127.0.0.1:6379").await?.prefix("billing:idem:");
+/// let layer = IdempotencyLayer::new().post("/calls").store(store);
+/// # let _ = layer; Ok(()) }
+/// ```
+///
+/// # What survives, and what does not
+///
+/// The handler runs at most once per record *while Redis keeps the record*. A record that
+/// Redis forgets is a free key, and a retry with it runs the handler again.
+///
+/// - **Restarts** depend on the server's persistence, which the store reads when it opens
+///   ([`durability`](Self::durability), see [`RedisDurability`]): without persistence a
+///   restart forgets every record; with RDB snapshots only, the records since the last
+///   snapshot; with AOF and `appendfsync everysec`, a restart of the Redis process loses
+///   nothing and a crash of the machine up to about a second of records. When records would
+///   not survive a restart, or the settings cannot be read, [`open`](Self::open) logs one
+///   warning (`tracing`, target `tower_idempotency`).
+/// - **Failovers.** Redis replicates asynchronously: a replica promoted after its master
+///   died lacks the writes it had not received, so a lease or a stored response that a client
+///   has already seen can be forgotten, and the retry runs again. With
+///   [`wait_replicas`](Self::wait_replicas), `begin` and `complete` succeed only once that
+///   many replicas have the write (`WAIT`), so a failover to one of them forgets neither.
+///   `WAIT` does not make Redis strongly consistent: a failover to a replica that did not
+///   acknowledge (if there are more replicas than you wait for), or a failover during a
+///   network partition, can still lose the write.
+///
+/// # Timeouts
+///
+/// The store sets no response timeout of its own: the layer's
+/// [`store_timeout`](crate::IdempotencyLayer::store_timeout) (2 s by default) governs every
+/// call. [`open`](Self::open) and [`open_cluster`](Self::open_cluster) switch off the `redis`
+/// crate's response timeout (500 ms by default for the connection manager), which would
+/// otherwise fail every call slower than half a second. A call that the layer stops waiting
+/// for keeps its place on the connection, and its reply is dropped when it comes. A server
+/// that never answers (a dead peer that sends no TCP reset) holds calls until the operating
+/// system gives the connection up; the layer answers `503` after its store timeout meanwhile,
+/// and the connection manager reconnects once the connection fails. A `begin` that fails
+/// without an answer releases the lease it may have taken, queued behind it. If you build
+/// the connection yourself ([`new`](Self::new), [`from_cluster`](Self::from_cluster)), give
+/// it no response timeout shorter than the layer's store timeout, or the shorter one governs.
+///
+/// # Data layout
+///
+/// One hash per record, at `<prefix><key>`: the [prefix](Self::prefix) (default
+/// `idempotency:`) followed by the [`StoreKey`] as 64 lowercase hex digits. Its fields:
+///
+/// | field | value | present |
+/// |---|---|---|
+/// | `f` | the fingerprint, 32 raw bytes | always |
+/// | `d` | the deadline, milliseconds since the Unix epoch on the server's clock, in decimal: the lease expiry while in flight, completion time plus TTL once completed | always |
+/// | `t` | the lease token, 16 raw bytes | in flight |
+/// | `r` | the response, [`StoredResponse::encode`]d: status, headers and body as length-prefixed binary | completed |
+/// | `c` | the token that completed the record, 16 raw bytes, so that the owner's repeated `complete` is told from a stranger's (see [`wait_replicas`](Self::wait_replicas)) | completed |
+///
+/// Nothing is base64 or JSON: a completed record with a 100-byte body and two short headers
+/// holds 255 bytes of values, and took 656 bytes of Redis memory in all (`MEMORY USAGE`,
+/// Redis 7.0, x86_64).
+///
+/// Every script touches exactly one key, the record's, passed in `KEYS`, so on a cluster each
+/// call goes to the one master that holds the key's slot.
+///
+/// # Round trips
+///
+/// | call | round trips | what runs on the server |
+/// |---|---|---|
+/// | `begin` | 1 | one script: read the record; if absent or past its deadline, write a new lease (with [`wait_replicas`](Self::wait_replicas): followed by `WAIT` in the same round trip) |
+/// | `complete` | 1 | one script: compare the token, write the response and its deadline (with `wait_replicas`: followed by `WAIT`) |
+/// | `renew` | 1 | one script: compare the token, move the deadline |
+/// | `release` | 1 | one script: compare the token, delete the key |
+/// | `wait` | 0 | none: sleeps for its timeout, so a waiting duplicate polls `begin` with the layer's backoff (20 ms doubling to 500 ms) |
+///
+/// Scripts run by `EVALSHA`; on a server that has not seen a script (after a restart, a
+/// failover or `SCRIPT FLUSH`), the call is sent once more with `EVAL` and the source.
+///
+/// # Expiry
+///
+/// Every script reads the server's clock (`TIME`) and decides from the stored deadline `d`:
+/// a record past it is never replayed, and a lease past it is taken over by the next `begin`.
+/// Redis reclaims the memory through key expiry (`PEXPIRE`): a completed record's key expires
+/// with its TTL; an in-flight key lives twice its lease, so that an owner which finishes late
+/// (its renewals failed) can still complete while nobody has taken the key over.
+/// Durations are written in whole milliseconds, rounded up, at least 1 ms and at most 100
+/// years.
+///
+/// Cloning is cheap; clones share the connection.
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+#[derive(Clone)]
+pub struct RedisStore {
+    conn: Connection,
+    prefix: Arc<str>,
+    wait: Option<WaitReplicas>,
+    durability: Option<RedisDurability>,
+}
+
+impl fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match self.conn {
+            Connection::Single(_) => "single",
+            #[cfg(feature = "redis-cluster")]
+            Connection::Cluster(_) => "cluster",
+        };
+        f.debug_struct("RedisStore")
+            .field("connection", &kind)
+            .field("prefix", &self.prefix)
+            .field("wait", &self.wait)
+            .field("durability", &self.durability)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisStore {
+    fn with_connection(conn: Connection) -> Self {
+        Self {
+            conn,
+            prefix: Arc::from(DEFAULT_PREFIX),
+            wait: None,
+            durability: None,
+        }
+    }
+
+    /// A store on `conn`, with the default prefix `idempotency:`. Does not read the server's
+    /// persistence settings (call [`check_durability`](Self::check_durability) for that), and
+    /// keeps `conn`'s response timeout (see [Timeouts](Self#timeouts)).
+    pub fn new(conn: ConnectionManager) -> Self {
+        Self::with_connection(Connection::Single(conn))
+    }
+
+    /// Connects to `url` (`redis://[user:password@]host:port/db`, `rediss://` for TLS when the
+    /// `redis` crate has a TLS feature enabled) with a [`ConnectionManager`] of default
+    /// settings except for the response timeout, which is off (the layer's store timeout
+    /// governs), reads the server's persistence settings ([`check_durability`](Self::check_durability)),
+    /// and returns a store with the default prefix.
+    ///
+    /// Returns once connected. Errors with [`StoreErrorKind::Unavailable`], the driver error as
+    /// its source, if the URL is invalid, or if the server cannot be reached within the
+    /// connection manager's retries (about 10 s with its defaults; build a
+    /// [`ConnectionManager`] with your own `ConnectionManagerConfig` and use
+    /// [`new`](Self::new) to choose otherwise). Neither the error's message nor its source
+    /// contains the URL.
+    pub async fn open(url: &str) -> Result<Self, StoreError> {
+        let client = redis::Client::open(url).map_err(StoreError::unavailable)?;
+        let config = ConnectionManagerConfig::new().set_response_timeout(None);
+        let conn = client
+            .get_connection_manager_with_config(config)
+            .await
+            .map_err(StoreError::unavailable)?;
+        Ok(Self::new(conn).check_durability().await)
+    }
+
+    /// A store on a Redis Cluster connection, with the default prefix. Does not read the
+    /// masters' persistence settings (call [`check_durability`](Self::check_durability) for
+    /// that).
+    #[cfg(feature = "redis-cluster")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis-cluster")))]
+    pub fn from_cluster(conn: redis::cluster_async::ClusterConnection) -> Self {
+        Self::with_connection(Connection::Cluster(conn))
+    }
+
+    /// Connects to the Redis Cluster that `nodes` belong to (one or more seed URLs,
+    /// `redis://host:port`; the others are found from them) with the `redis` crate's cluster
+    /// client of default settings (no response timeout: the layer's store timeout governs),
+    /// reads the masters' persistence settings, and returns a store with the default prefix.
+    ///
+    /// Each record is one key, and each call one script on that key, so each call goes to the
+    /// master that holds the key's slot; after a failover the client refreshes its slot map and
+    /// follows `MOVED`, with no restart of the application. Errors with
+    /// [`StoreErrorKind::Unavailable`] (driver error as source) if a URL is invalid or no seed
+    /// node answers.
+    #[cfg(feature = "redis-cluster")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis-cluster")))]
+    pub async fn open_cluster<S: AsRef<str>>(
+        nodes: impl IntoIterator<Item = S>,
+    ) -> Result<Self, StoreError> {
+        let nodes: Vec<String> = nodes.into_iter().map(|n| n.as_ref().to_owned()).collect();
+        let client = redis::cluster::ClusterClient::new(nodes.iter().map(String::as_str))
+            .map_err(StoreError::unavailable)?;
+        let conn = client
+            .get_async_connection()
+            .await
+            .map_err(StoreError::unavailable)?;
+        Ok(Self::from_cluster(conn).check_durability().await)
+    }
+
+    /// Reads the server's persistence settings (`CONFIG GET appendonly`, `appendfsync`,
+    /// `save`; on a cluster, those of every master, keeping the weakest), keeps them for
+    /// [`durability`](Self::durability), and logs one warning (`tracing`, target
+    /// `tower_idempotency`) when records would not survive a restart of Redis, or when the
+    /// settings cannot be read. [`open`](Self::open) and [`open_cluster`](Self::open_cluster)
+    /// call it; never fails.
+    pub async fn check_durability(mut self) -> Self {
+        let (durability, error) = read_durability(&mut self.conn).await;
+        match (durability, error) {
+            (RedisDurability::Unknown, Some(error)) => tracing::warn!(
+                target: "tower_idempotency",
+                error = %error,
+                "could not tell whether Redis keeps idempotency records across a restart \
+                 (CONFIG GET failed); if it does not, a retry after a restart runs the request again"
+            ),
+            (durability, _) if !durability.survives_restart() => tracing::warn!(
+                target: "tower_idempotency",
+                ?durability,
+                "Redis forgets idempotency records on a restart (no append-only file: all of \
+                 them without persistence, those since the last snapshot with RDB); a retry \
+                 after a restart runs the request again"
+            ),
+            _ => {}
+        }
+        self.durability = Some(durability);
+        self
+    }
+
+    /// What the server's persistence settings mean for the records, as read when the store
+    /// opened; `None` if they were never read ([`new`](Self::new) and
+    /// [`from_cluster`](Self::from_cluster) without [`check_durability`](Self::check_durability)).
+    pub fn durability(&self) -> Option<RedisDurability> {
+        self.durability
+    }
+
+    /// The prefix of every key this store writes. Default: `idempotency:`. Give each
+    /// application (or each test run) sharing a Redis its own.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = Arc::from(prefix.into());
+        self
+    }
+
+    /// The key prefix in use.
+    pub fn key_prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Makes `begin` and `complete` wait until `replicas` replicas have their write
+    /// (`WAIT replicas timeout`, sent in the same round trip as the write, on the same
+    /// connection), so that a failover to one of those replicas forgets neither a lease nor
+    /// a stored response that a client has seen. Default: off (Redis replicates
+    /// asynchronously, and a failover may lose the last writes). `timeout` is rounded up to
+    /// whole milliseconds, at least 1 ms; `replicas` of 0 turns waiting off.
+    ///
+    /// When fewer than `replicas` acknowledge within `timeout`:
+    ///
+    /// - `begin` that took a lease releases it (token-checked, so only its own lease) and fails
+    ///   with [`StoreErrorKind::Unavailable`]: the request is answered `503` and its handler
+    ///   does not run, so nothing runs on a lease a failover could forget.
+    /// - `complete` fails with [`StoreErrorKind::Unavailable`]; the response is stored on the
+    ///   master, and the layer tries `complete` again. That repeated `complete` by the same
+    ///   owner (same token) waits again and returns `Ok(true)` once acknowledged; this is the
+    ///   one place where this store answers a second `complete` with the same token `true`
+    ///   (without `wait_replicas` it answers `false`, as the store contract says), and it
+    ///   changes nothing in the record.
+    ///
+    /// The source of either error says how many replicas acknowledged. A `begin` that finds
+    /// the record in flight or completed does not fail for missing acknowledgements.
+    /// `renew` and `release` never wait: a failover that loses one makes the lease last
+    /// shorter, or longer up to its deadline.
+    ///
+    /// The calls take up to `timeout` longer when replicas lag: keep the layer's
+    /// [`store_timeout`](crate::IdempotencyLayer::store_timeout) above `timeout` plus a
+    /// round trip. On a cluster, `WAIT` goes to the master that took the write and counts its
+    /// replicas.
+    pub fn wait_replicas(mut self, replicas: u32, timeout: Duration) -> Self {
+        self.wait = (replicas > 0).then(|| WaitReplicas {
+            replicas,
+            timeout_ms: millis(timeout),
+        });
+        self
+    }
+
+    fn redis_key(&self, key: &StoreKey) -> String {
+        format!("{}{}", self.prefix, key.to_hex())
+    }
+
+    /// Runs `script` on `key`; with `acknowledged` and [`wait_replicas`](Self::wait_replicas)
+    /// set, followed by `WAIT` in the same pipeline (so on the same connection, right after the
+    /// write), returning how many replicas acknowledged. A server that does not know the
+    /// script (`NOSCRIPT`) gets it once more with its source.
+    async fn run(
+        &self,
+        script: &LuaScript,
+        key: &str,
+        args: &[&[u8]],
+        acknowledged: bool,
+    ) -> RedisResult<(Value, Option<i64>)> {
+        let mut conn = self.conn.clone();
+        let mut by_source = false;
+        loop {
+            let mut cmd = if by_source {
+                let mut cmd = redis::cmd("EVAL");
+                cmd.arg(&script.source);
+                cmd
+            } else {
+                let mut cmd = redis::cmd("EVALSHA");
+                cmd.arg(&script.hash);
+                cmd
+            };
+            cmd.arg(1).arg(key);
+            for arg in args {
+                cmd.arg(*arg);
+            }
+            let result = match self.wait.filter(|_| acknowledged) {
+                None => cmd
+                    .query_async::<Value>(&mut conn)
+                    .await
+                    .map(|reply| (reply, None)),
+                Some(wait) => {
+                    let mut pipe = redis::pipe();
+                    pipe.add_command(cmd)
+                        .cmd("WAIT")
+                        .arg(wait.replicas)
+                        .arg(wait.timeout_ms);
+                    pipe.query_async::<(Value, i64)>(&mut conn)
+                        .await
+                        .map(|(reply, acked)| (reply, Some(acked)))
+                }
+            };
+            match result {
+                Err(error)
+                    if !by_source
+                        && error.kind() == ErrorKind::Server(ServerErrorKind::NoScript) =>
+                {
+                    by_source = true;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    /// The error for a write that fewer replicas than asked for acknowledged, if so.
+    fn unacknowledged(&self, acked: Option<i64>) -> Option<StoreError> {
+        let (wait, acked) = (self.wait?, acked?);
+        (acked < i64::from(wait.replicas)).then(|| {
+            StoreError::new(
+                StoreErrorKind::Unavailable,
+                "Redis replicas did not acknowledge the write in time",
+            )
+            .with_source(NotAcknowledged {
+                wanted: wait.replicas,
+                acknowledged: acked,
+                timeout_ms: wait.timeout_ms,
+            })
+        })
+    }
+
+    /// A `begin` that failed without an answer (the connection broke, say) may still have
+    /// run, and taken a lease under `token` that nobody will complete or release: the key
+    /// would answer 409 until the lease ran out. So release it, best effort and without
+    /// waiting: the release is queued at once on the same connection, behind the `begin`, and
+    /// drops the lease only if `token` holds it. It is sent with its source (`EVAL`), since its
+    /// answer, `NOSCRIPT` included, may come too late as well.
+    fn undo_begin(&self, key: &StoreKey, token: LeaseToken) {
+        let mut release = redis::cmd("EVAL");
+        release
+            .arg(RELEASE)
+            .arg(1)
+            .arg(self.redis_key(key))
+            .arg(&token.to_bytes()[..]);
+        let mut conn = self.conn.clone();
+        let mut undo = Box::pin(async move {
+            let _: redis::RedisResult<Value> = release.query_async(&mut conn).await;
+        });
+        if (&mut undo).now_or_never().is_none() {
+            tokio::spawn(undo);
+        }
+    }
+}

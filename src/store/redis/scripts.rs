@@ -1,0 +1,107 @@
+//! The Lua scripts of [`RedisStore`](super::RedisStore): one per store call, each touching only
+//! the record's key (`KEYS[1]`), so that every call goes to one server, on a cluster too.
+
+use std::sync::LazyLock;
+
+use redis::Script;
+
+/// The longest lease or TTL the store writes, in milliseconds (100 years): longer ones are cut
+/// to it, so that deadlines stay exact in Lua's doubles and `PEXPIRE` never overflows.
+pub(super) const MAX_MILLIS: u64 = 100 * 365 * 24 * 60 * 60 * 1000;
+
+// Deadlines (now, about 1.8e12 ms, plus at most twice MAX_MILLIS) stay exact in a double.
+const _: () = assert!(MAX_MILLIS * 3 < 1 << 53);
+
+/// The server's clock in milliseconds since the Unix epoch, as `now`. Scripts that write after
+/// reading `TIME` need effects replication, the default since Redis 5.
+pub(super) const NOW: &str = r"
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+";
+
+/// KEYS[1] record; ARGV[1] fingerprint, ARGV[2] token, ARGV[3] lease ms, ARGV[4] key lifetime
+/// ms. Returns {0} (acquired), {1, fingerprint, ms left} (in flight) or {2, fingerprint,
+/// response} (completed).
+pub(super) const BEGIN: &str = r"
+local record = redis.call('HMGET', KEYS[1], 'f', 'd', 'r')
+local deadline = tonumber(record[2])
+if deadline and deadline > now then
+  if record[3] then
+    return {2, record[1], record[3]}
+  end
+  return {1, record[1], deadline - now}
+end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'f', ARGV[1], 't', ARGV[2],
+  'd', string.format('%.0f', now + tonumber(ARGV[3])))
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return {0}
+";
+
+/// KEYS[1] record; ARGV[1] token, ARGV[2] lease ms, ARGV[3] key lifetime ms. Returns 1 if the
+/// token owns the lease (and it was renewed), else 0.
+pub(super) const RENEW: &str = r"
+if redis.call('HGET', KEYS[1], 't') ~= ARGV[1] then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'd', string.format('%.0f', now + tonumber(ARGV[2])))
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+";
+
+/// KEYS[1] record; ARGV[1] token, ARGV[2] encoded response, ARGV[3] TTL ms. Returns 1 if the
+/// token owned the lease (and the response is stored), 2 if the token already completed the
+/// record (a repeated `complete`; nothing changes), else 0.
+pub(super) const COMPLETE: &str = r"
+local record = redis.call('HMGET', KEYS[1], 't', 'c')
+if record[1] ~= ARGV[1] then
+  if record[2] == ARGV[1] then
+    return 2
+  end
+  return 0
+end
+redis.call('HDEL', KEYS[1], 't')
+redis.call('HSET', KEYS[1], 'r', ARGV[2], 'c', ARGV[1],
+  'd', string.format('%.0f', now + tonumber(ARGV[3])))
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+";
+
+/// KEYS[1] record; ARGV[1] token. Returns 1 if the token owned the lease (and it is gone),
+/// else 0.
+pub(super) const RELEASE: &str = r"
+if redis.call('HGET', KEYS[1], 't') ~= ARGV[1] then
+  return 0
+end
+redis.call('DEL', KEYS[1])
+return 1
+";
+
+/// A script: its source, sent with `EVAL` when the server does not know it, and its SHA-1,
+/// sent with `EVALSHA` otherwise.
+pub(super) struct LuaScript {
+    pub(super) source: String,
+    pub(super) hash: String,
+}
+
+impl LuaScript {
+    fn new(source: String) -> Self {
+        let hash = Script::new(&source).get_hash().to_owned();
+        Self { source, hash }
+    }
+}
+
+pub(super) struct Scripts {
+    pub(super) begin: LuaScript,
+    pub(super) renew: LuaScript,
+    pub(super) complete: LuaScript,
+    pub(super) release: LuaScript,
+}
+
+pub(super) static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
+    begin: LuaScript::new(format!("{NOW}{BEGIN}")),
+    renew: LuaScript::new(format!("{NOW}{RENEW}")),
+    complete: LuaScript::new(format!("{NOW}{COMPLETE}")),
+    // Release needs no clock.
+    release: LuaScript::new(RELEASE.to_owned()),
+});
