@@ -63,11 +63,10 @@ const ER_LOCK_DEADLOCK: u16 = 1213;
 /// # }
 /// ```
 ///
-/// Tested against MariaDB 10.11. It uses nothing newer than MySQL 8.0 and MariaDB 10.6 have
-/// (`FOR UPDATE SKIP LOCKED` in cleanup, enforced `CHECK` constraints), but MySQL itself is not
-/// tested. The crate enables neither TLS nor RSA in `sqlx`: to log in to MySQL 8 with its
-/// default `caching_sha2_password` over a plain connection, enable `sqlx`'s `mysql-rsa` (or a
-/// TLS feature) in your own `Cargo.toml`.
+/// Tested against MariaDB 10.11 only; MySQL is not tested. Cleanup needs `FOR UPDATE SKIP
+/// LOCKED` (MariaDB 10.6 and MySQL 8.0 have it). The crate enables neither TLS nor RSA in
+/// `sqlx`: to log in to MySQL 8 with its default `caching_sha2_password` over a plain
+/// connection, enable `sqlx`'s `mysql-rsa` (or a TLS feature) in your own `Cargo.toml`.
 ///
 /// # Schema
 ///
@@ -182,15 +181,19 @@ const ER_LOCK_DEADLOCK: u16 = 1213;
 ///
 /// # Durability
 ///
-/// A stored response survives a restart or a crash of the server when the commit was made
+/// A stored response survives a crash and restart of the server when its commit was made
 /// durable: with `innodb_flush_log_at_trx_commit = 1` (the default) InnoDB flushes its log on
-/// every commit; with `2` or `0`, up to about a second of commits is lost in an operating
-/// system crash (`0`: in a server crash too), and with them the promise that those requests do
-/// not run again. Across a failover to a replica, only what the replica received counts:
-/// asynchronous replication (the default) may lose the last commits, so that a retry runs
-/// again; use semi-synchronous replication or Galera, and `sync_binlog = 1` when the binary log
-/// is on (MariaDB's default is `0`, the operating system decides when it is written). The
-/// store neither checks nor changes these settings.
+/// every commit (tested: a server killed with `SIGKILL` replays, once restarted, a response
+/// stored before). With `2` or `0`, about the last second of commits can be lost in an
+/// operating system crash (with `0`, in a server crash too), and with them the promise that
+/// those requests do not run again.
+///
+/// **Not guaranteed across a failover.** A replica has only what it received: with
+/// asynchronous replication (the default) the last commits before a failover can be missing,
+/// and a retry of one of those requests runs again. Semi-synchronous replication or Galera,
+/// with `sync_binlog = 1` when the binary log is on (MariaDB's default is `0`: the operating
+/// system decides when the binary log reaches the disk), narrow that window; this is not
+/// tested here. The store neither checks nor changes these settings.
 ///
 /// # Cleanup
 ///
