@@ -142,8 +142,10 @@ const ER_LOCK_DEADLOCK: u16 = 1213;
 ///    snapshot sees that commit. Only a write that inserted or changed the row reports
 ///    [`Begin::Acquired`], with the token it wrote.
 ///
-/// So of any number of concurrent `begin` calls on one key, exactly one acquires, on any
-/// isolation level InnoDB offers (the decisive statements are locking). This is the design with
+/// So of any number of concurrent `begin` calls on one key, exactly one acquires. The argument
+/// holds at REPEATABLE READ (the default, and what the tests run) and at READ COMMITTED, since
+/// the decisive statements are locking at both; not at READ UNCOMMITTED, where step 1 could
+/// report a lease whose insert never commits. This is the design with
 /// a plain read first, rather than `INSERT ... ON DUPLICATE KEY UPDATE`, because the read
 /// answers replays and duplicates in one round trip without locking the row, and because
 /// sqlx connects with `CLIENT_FOUND_ROWS`, under which an `ON DUPLICATE KEY UPDATE` that
