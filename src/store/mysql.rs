@@ -153,14 +153,14 @@ const ER_LOCK_DEADLOCK: u16 = 1213;
 ///
 /// **Deadlocks.** Inserts of one key by many connections at once can deadlock in InnoDB (each
 /// holds a shared lock from its duplicate-key check on a row that another deleted or rolled
-/// back, and waits for the others), and cleanup can collide with a takeover. InnoDB then rolls
-/// one statement back with error 1213. Every statement of the store's own is a single
-/// autocommit statement, so a rolled-back one changed nothing: the store runs it again (the
-/// whole pass, for `begin`), after a short random pause (up to a few milliseconds), at most 10
-/// times per call, so a deadlock does not become an error. A lock wait timeout (error 1205,
-/// after `innodb_lock_wait_timeout`, 50 s by default) is run again the same way, though with
-/// the default it outlasts any sensible store timeout. Past the bound, the call fails with
-/// [`StoreErrorKind::Unavailable`].
+/// back, and waits for the others). InnoDB then rolls one transaction back with error 1213.
+/// Every statement of the store's own is an autocommit statement (a cleanup batch: a short
+/// transaction of its own), so a rolled-back one changed nothing: the store runs it again (the
+/// whole pass, for `begin`; the whole batch, for cleanup), after a short random pause (up to
+/// 8 ms), at most 10 times per call, so a deadlock does not become an error. A lock wait
+/// timeout (error 1205, after `innodb_lock_wait_timeout`, 50 s by default) is run again the same
+/// way, though with the default it outlasts any sensible store timeout. Past the bound, the
+/// call fails with [`StoreErrorKind::Unavailable`].
 ///
 /// Waiting duplicates ([`InFlight::Wait`](crate::InFlight::Wait)) poll `begin` with the
 /// layer's backoff (the default [`wait`](IdempotencyStore::wait)).
@@ -384,8 +384,8 @@ async fn lock_backoff(attempt: u32) {
     tokio::time::sleep(Duration::from_micros(pause as u64)).await;
 }
 
-/// Runs `statement` (a single autocommit statement) again while InnoDB rolls it back for a
-/// lock conflict, at most [`LOCK_RETRIES`] more times.
+/// Runs `statement` (one autocommit statement, or a transaction of its own) again while InnoDB
+/// rolls it back for a lock conflict, at most [`LOCK_RETRIES`] more times.
 async fn with_lock_retries<T, F, Fut>(mut statement: F) -> Result<T, sqlx::Error>
 where
     F: FnMut() -> Fut,
