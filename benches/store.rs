@@ -16,6 +16,16 @@
 //!   task or from 64 at once on one store (one connection), against the Redis at `REDIS_URL`
 //!   and the Redis Cluster at `REDIS_CLUSTER_URL`; each is skipped when its variable is unset.
 //!   Records are written under `bench:<random>:` with a one-minute TTL.
+//!
+//! - `mysql/begin_complete/{1,16}` (feature `mysql`, `MYSQL_URL` set, else skipped): one `begin`
+//!   (a new key) and its `complete` on `MySqlStore`, from 1 task on a pool of 1 connection, or
+//!   from 16 tasks at once on a pool of 16 (an iteration is then 16 pairs, so the throughput is
+//!   pairs per second over all tasks). `mysql/replay/1`: one `begin` that replays a stored
+//!   response, one task, one connection. Each run works in a table of its own, dropped after.
+//!
+//! ```text
+//! MYSQL_URL=mysql://root@127.0.0.1:3306/test cargo bench --features mysql --bench store -- mysql
+//! ```
 
 use std::time::{Duration, Instant};
 
@@ -249,9 +259,123 @@ fn redis(c: &mut Criterion) {
 #[cfg(not(feature = "redis"))]
 fn redis(_: &mut Criterion) {}
 
+#[cfg(feature = "mysql")]
+fn mysql(c: &mut Criterion) {
+    use std::sync::Arc;
+
+    use sqlx::{AssertSqlSafe, mysql::MySqlPoolOptions};
+    use tower_idempotency::store::MySqlStore;
+
+    let Ok(url) = std::env::var("MYSQL_URL") else {
+        eprintln!("skipped mysql: MYSQL_URL is not set");
+        return;
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let random_key = || {
+        let mut key = [0; 32];
+        key[..16].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
+        StoreKey(key)
+    };
+    let store_with = |connections: u32| {
+        rt.block_on(async {
+            let pool = MySqlPoolOptions::new()
+                .max_connections(connections)
+                .connect(&url)
+                .await
+                .expect("MariaDB at MYSQL_URL");
+            let table = format!(
+                "idem_bench_{}",
+                &uuid::Uuid::new_v4().simple().to_string()[..16]
+            );
+            let store = MySqlStore::new(pool).with_table_name(&table).unwrap();
+            store.migrate().await.unwrap();
+            store
+        })
+    };
+    let drop_table = |store: &MySqlStore| {
+        rt.block_on(async {
+            let drop = format!("DROP TABLE `{}`", store.table_name());
+            sqlx::query(AssertSqlSafe(drop))
+                .execute(store.pool())
+                .await
+                .unwrap();
+        })
+    };
+    let template = Arc::new(response(0));
+
+    let mut group = c.benchmark_group("mysql");
+    group.sampling_mode(SamplingMode::Flat);
+    group.sample_size(10);
+    group.measurement_time(Duration::from_secs(5));
+    for tasks in [1u32, 16] {
+        let store = store_with(tasks);
+        group.throughput(Throughput::Elements(u64::from(tasks)));
+        group.bench_with_input(
+            BenchmarkId::new("begin_complete", tasks),
+            &tasks,
+            |b, &tasks| {
+                b.iter_custom(|iters| {
+                    rt.block_on(async {
+                        let start = Instant::now();
+                        let runs: Vec<_> = (0..tasks)
+                            .map(|_| {
+                                let (store, body) = (store.clone(), template.clone());
+                                tokio::spawn(async move {
+                                    for _ in 0..iters {
+                                        let key = random_key();
+                                        let fingerprint = Fingerprint(key.0);
+                                        let Begin::Acquired(token) =
+                                            store.begin(&key, &fingerprint, LEASE).await.unwrap()
+                                        else {
+                                            panic!("a new key is acquired");
+                                        };
+                                        assert!(
+                                            store.complete(&key, token, &body, TTL).await.unwrap()
+                                        );
+                                    }
+                                })
+                            })
+                            .collect();
+                        for run in runs {
+                            run.await.unwrap();
+                        }
+                        start.elapsed()
+                    })
+                })
+            },
+        );
+        drop_table(&store);
+    }
+
+    let store = store_with(1);
+    let key = random_key();
+    rt.block_on(async {
+        let Begin::Acquired(token) = store.begin(&key, &Fingerprint(key.0), LEASE).await.unwrap()
+        else {
+            panic!("a new key is acquired");
+        };
+        assert!(store.complete(&key, token, &template, TTL).await.unwrap());
+    });
+    group.throughput(Throughput::Elements(1));
+    group.bench_function(BenchmarkId::new("replay", 1), |b| {
+        b.to_async(&rt).iter(|| async {
+            let begun = store.begin(&key, &Fingerprint(key.0), LEASE).await.unwrap();
+            assert!(matches!(begun, Begin::Completed { .. }));
+        })
+    });
+    drop_table(&store);
+    group.finish();
+}
+
+#[cfg(not(feature = "mysql"))]
+fn mysql(_: &mut Criterion) {}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().warm_up_time(Duration::from_secs(1));
-    targets = scaling, sweep, redis
+    targets = scaling, sweep, redis, mysql
 }
 criterion_main!(benches);

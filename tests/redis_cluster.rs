@@ -7,7 +7,7 @@
 //! that it is skipped and passes, except under `CI=true`, where a missing URL fails. The
 //! failover test starts and kills `redis-server` processes of its own on other ports, so the
 //! shared cluster stays healthy. Every test writes under a prefix of its own.
-#![cfg(feature = "redis-cluster")]
+#![cfg(all(feature = "redis-cluster", feature = "testing"))]
 
 mod common;
 mod redis_servers;

@@ -18,7 +18,8 @@
 //! and an expired lease never reported as in flight.
 //!
 //! Backends: [`MemoryStore`] (always), `RedisStore` (feature `redis`; on Redis Cluster with
-//! feature `redis-cluster`), `PostgresStore` (feature `postgres`). `examples/custom_store.rs` shows a store of your own.
+//! feature `redis-cluster`), `PostgresStore` (feature `postgres`), `MySqlStore` (feature
+//! `mysql`). `examples/custom_store.rs` shows a store of your own.
 
 use std::{error::Error as StdError, fmt, time::Duration};
 
@@ -42,6 +43,13 @@ mod postgres;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use self::postgres::{PostgresStore, TableNameError, TransactionalError};
+
+#[cfg(feature = "mysql")]
+#[cfg_attr(docsrs, doc(cfg(feature = "mysql")))]
+mod mysql;
+#[cfg(feature = "mysql")]
+#[cfg_attr(docsrs, doc(cfg(feature = "mysql")))]
+pub use self::mysql::{MySqlStore, MySqlTableNameError};
 
 /// A boxed error, the `source` of a [`StoreError`].
 pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;

@@ -1,0 +1,872 @@
+//! [`MySqlStore`]: records in one MySQL or MariaDB (InnoDB) table, through an `sqlx` pool.
+
+use std::{fmt, future::Future, sync::Arc, time::Duration};
+
+use async_trait::async_trait;
+use sqlx::{
+    AssertSqlSafe, Executor, MySql, MySqlPool, Row,
+    mysql::{MySqlDatabaseError, MySqlRow},
+};
+use tokio::task::JoinHandle;
+
+use super::{
+    Begin, Fingerprint, IdempotencyStore, LeaseToken, StoreError, StoreErrorKind, StoreKey,
+    StoredResponse,
+};
+
+/// The table name used unless [`MySqlStore::with_table_name`] says otherwise.
+const DEFAULT_TABLE: &str = "idempotency_records";
+
+/// The longest table name accepted, so that the derived index name fits the 64-character
+/// identifier limit of MySQL and MariaDB.
+const MAX_TABLE_NAME: usize = 48;
+
+/// Durations longer than this (100 years) are clamped to it, to stay within `DATETIME`.
+const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
+
+/// How many passes `begin` makes when concurrent writers on the same key keep changing the
+/// record between its read and its write (see the type docs). Each further pass needs another
+/// commit on that very key, so this is never reached in practice.
+const BEGIN_ATTEMPTS: usize = 16;
+
+/// How many times a statement of the store's own is run again after InnoDB rolled it back
+/// for a deadlock (error 1213) or a lock wait timeout (error 1205), per call.
+const LOCK_RETRIES: u32 = 10;
+
+/// The most rows [`MySqlStore::cleanup_batch`] accepts: the placeholders of one `DELETE`.
+const MAX_CLEANUP_BATCH: u32 = 10_000;
+
+/// How long [`MySqlStore::migrate`] waits for a concurrent migration's lock, in seconds.
+const MIGRATE_LOCK_SECS: i64 = 60;
+
+/// `ER_DUP_ENTRY`: the primary key is taken.
+const ER_DUP_ENTRY: u16 = 1062;
+/// `ER_LOCK_WAIT_TIMEOUT`: the statement waited `innodb_lock_wait_timeout` for a row lock.
+const ER_LOCK_WAIT_TIMEOUT: u16 = 1205;
+/// `ER_LOCK_DEADLOCK`: InnoDB chose this transaction as a deadlock's victim and rolled it back.
+const ER_LOCK_DEADLOCK: u16 = 1213;
+
+/// A store in a MySQL or MariaDB table (InnoDB), shared by every instance of a service that
+/// uses the same database. Built on an [`sqlx`] [`MySqlPool`]; cloning is cheap and clones
+/// share the pool.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// use tower_idempotency::{IdempotencyLayer, store::MySqlStore};
+///
+/// let store = MySqlStore::connect("mysql://app@127.0.0.1:3306/app").await?;
+/// store.migrate().await?; // once at start-up; a no-op when the table exists
+/// let _cleanup = store.spawn_cleanup(std::time::Duration::from_secs(60));
+/// let layer = IdempotencyLayer::new().store(store).post("/calls");
+/// # let _ = layer;
+/// # Ok(())
+/// # }
+/// ```
+///
+/// Tested against MariaDB 10.11 only; MySQL is not tested. Cleanup needs `FOR UPDATE SKIP
+/// LOCKED` (MariaDB 10.6 and MySQL 8.0 have it). The crate enables neither TLS nor RSA in
+/// `sqlx`: to log in to MySQL 8 with its default `caching_sha2_password` over a plain
+/// connection, enable `sqlx`'s `mysql-rsa` (or a TLS feature) in your own `Cargo.toml`.
+///
+/// # Schema
+///
+/// [`migrate`](Self::migrate) creates one table (default name `idempotency_records`, see
+/// [`with_table_name`](Self::with_table_name)) with one secondary index:
+///
+/// ```sql
+/// CREATE TABLE IF NOT EXISTS `idempotency_records` (
+///     `key`        BINARY(32)   NOT NULL,   -- StoreKey
+///     fingerprint  BINARY(32)   NOT NULL,   -- Fingerprint
+///     state        ENUM('in_flight', 'completed') NOT NULL,
+///     token        BINARY(16)   NULL,       -- LeaseToken; NULL once completed
+///     expires_at   DATETIME(6)  NOT NULL,   -- UTC; in flight: lease expiry; completed: end of TTL
+///     response     LONGBLOB     NULL,       -- StoredResponse::encode; NULL while in flight
+///     created_at   DATETIME(6)  NOT NULL,   -- UTC; when the current lease was taken
+///     completed_at DATETIME(6)  NULL,       -- UTC; when the response was stored
+///     PRIMARY KEY (`key`),
+///     KEY `idempotency_records_expires_at_idx` (expires_at),
+///     CHECK ((state = 'in_flight') = (token IS NOT NULL AND response IS NULL))
+/// ) ENGINE = InnoDB;
+/// ```
+///
+/// Keys, fingerprints and tokens are the raw bytes of [`StoreKey`], [`Fingerprint`] and
+/// [`LeaseToken`]; responses use the compact binary [`StoredResponse::encode`] format, so binary
+/// bodies and non-UTF-8 header values are kept exactly. A response larger than the server's
+/// `max_allowed_packet` (16 MiB by default on MariaDB, 64 MiB on MySQL 8) cannot be stored:
+/// `complete` fails with [`StoreErrorKind::Unavailable`]. Times are `DATETIME(6)` in UTC
+/// (`UTC_TIMESTAMP(6)`), so the session's `time_zone` does not matter. You may create the table
+/// yourself (with your migration tool) instead of calling `migrate`, as long as it has these
+/// columns, this primary key and `ENGINE = InnoDB`: the atomicity below rests on InnoDB's row
+/// locks.
+///
+/// # Round trips
+///
+/// | call | statements | round trips | writes |
+/// |---|---|---|---|
+/// | [`begin`](IdempotencyStore::begin), replay or in flight | a plain `SELECT` of the key's row | 1 | nothing (no lock either) |
+/// | [`begin`](IdempotencyStore::begin), new key | `SELECT`, then `INSERT` | 2 | one row |
+/// | [`begin`](IdempotencyStore::begin), expired or released key | `SELECT`, then `UPDATE ... WHERE <expired>` | 2 | one row |
+/// | [`renew`](IdempotencyStore::renew) | one token-checked `UPDATE` | 1 | one row |
+/// | [`complete`](IdempotencyStore::complete) | one token-checked `UPDATE` | 1 | one row |
+/// | [`complete_in`](Self::complete_in) | the same `UPDATE`, in your transaction | 1 | one row, committed with yours |
+/// | [`release`](IdempotencyStore::release) | one token-checked `UPDATE` | 1 | one row |
+/// | [`delete_expired`](Self::delete_expired) | per batch: `SET TRANSACTION`, `BEGIN`, `SELECT ... FOR UPDATE SKIP LOCKED`, `DELETE`, `COMMIT` | 5 per [`cleanup_batch`](Self::cleanup_batch) rows | the expired rows |
+/// | [`migrate`](Self::migrate) | `GET_LOCK`, `CREATE TABLE IF NOT EXISTS`, `RELEASE_LOCK` | 3 | DDL, once |
+///
+/// A request that runs thus costs three round trips and two autocommit writes (`begin`,
+/// `complete`); a replay or a 409 costs one plain read. Each statement is prepared once per
+/// pooled connection (sqlx caches it), which costs one more round trip the first time.
+///
+/// # Why `begin` is atomic
+///
+/// `begin` reads first and decides on a write. The decision that matters (who gets the lease)
+/// is never taken on the read; it is taken by the write, on the latest committed row under
+/// InnoDB's exclusive row lock. Step by step, each statement in autocommit mode, at the default
+/// REPEATABLE READ:
+///
+/// 1. A plain `SELECT` of the key's row. In autocommit mode every statement is its own
+///    transaction with a fresh consistent snapshot, so it sees every commit made before it
+///    started. A row whose deadline (`expires_at`, on the server's clock) has not passed is
+///    reported as it is, [`Begin::InFlight`] or [`Begin::Completed`]: a correct answer as of
+///    that snapshot, given without taking any lock or writing anything.
+/// 2. No row: `INSERT` a lease. The primary key admits one row per key; of concurrent inserts
+///    exactly one succeeds, and the others wait for its lock and then fail with a duplicate
+///    key (error 1062), whatever their snapshots said.
+/// 3. A row past its deadline: `UPDATE ... WHERE key = ? AND expires_at <= UTC_TIMESTAMP(6)`
+///    with the new lease. An `UPDATE` is a locking read: it waits for the row's exclusive lock
+///    and evaluates its `WHERE` on the **latest committed** version of the row, not on the
+///    snapshot of step 1. Of concurrent takeovers, the first changes the row; the others then
+///    find its new deadline in the future and change nothing (0 rows).
+/// 4. A write that found its assumption outdated (a duplicate key, or 0 rows) means another
+///    writer committed on this key in between: `begin` starts again at step 1, whose new
+///    snapshot sees that commit. Only a write that inserted or changed the row reports
+///    [`Begin::Acquired`], with the token it wrote.
+///
+/// So of any number of concurrent `begin` calls on one key, exactly one acquires. The argument
+/// holds at REPEATABLE READ (the default, and what the tests run) and at READ COMMITTED, since
+/// the decisive statements are locking at both; not at READ UNCOMMITTED, where step 1 could
+/// report a lease whose insert never commits. This is the design with
+/// a plain read first, rather than `INSERT ... ON DUPLICATE KEY UPDATE`, because the read
+/// answers replays and duplicates in one round trip without locking the row, and because
+/// sqlx connects with `CLIENT_FOUND_ROWS`, under which an `ON DUPLICATE KEY UPDATE` that
+/// inserted and one that changed nothing both report one row.
+///
+/// **Deadlocks.** Inserts of one key by many connections at once can deadlock in InnoDB (each
+/// holds a shared lock from its duplicate-key check on a row that another deleted or rolled
+/// back, and waits for the others). InnoDB then rolls one transaction back with error 1213.
+/// Every statement of the store's own is an autocommit statement (a cleanup batch: a short
+/// transaction of its own), so a rolled-back one changed nothing: the store runs it again (the
+/// whole pass, for `begin`; the whole batch, for cleanup), after a short random pause (up to
+/// 8 ms), at most 10 times per call, so a deadlock does not become an error. A lock wait
+/// timeout (error 1205, after `innodb_lock_wait_timeout`, 50 s by default) is run again the same
+/// way, though with the default it outlasts any sensible store timeout. Past the bound, the
+/// call fails with [`StoreErrorKind::Unavailable`].
+///
+/// Waiting duplicates ([`InFlight::Wait`](crate::InFlight::Wait)) poll `begin` with the
+/// layer's backoff (the default [`wait`](IdempotencyStore::wait)).
+///
+/// # Expiry and clocks
+///
+/// Every deadline is computed and compared on the **database's** clock (`UTC_TIMESTAMP(6)`,
+/// the start of the statement), never the application's, so instances with skewed clocks
+/// agree. A record whose `expires_at` has passed is never returned: `begin` takes it over as if
+/// the key were absent, whether or not it has been deleted yet. Durations above 100 years are
+/// clamped to 100 years; time is kept in microseconds.
+///
+/// A lease past its expiry that nobody has taken over still belongs to its token, so a slow
+/// owner can still `complete` (finishing late is better than running twice), as with
+/// [`MemoryStore`](super::MemoryStore). [`release`](IdempotencyStore::release) does not
+/// delete the row: it ends the lease (its deadline set to the past, its token replaced by one
+/// nobody holds), so that the next `begin` takes the row over with an `UPDATE`, which queues
+/// on the row lock, rather than inserting where a row is being deleted, the case in which
+/// InnoDB deadlocks concurrent inserts (see above). Cleanup deletes it later.
+///
+/// # Durability
+///
+/// A stored response survives a crash and restart of the server when its commit was made
+/// durable: with `innodb_flush_log_at_trx_commit = 1` (the default) InnoDB flushes its log on
+/// every commit (tested: a server killed with `SIGKILL` replays, once restarted, a response
+/// stored before). With `2` or `0`, about the last second of commits can be lost in an
+/// operating system crash (with `0`, in a server crash too), and with them the promise that
+/// those requests do not run again.
+///
+/// **Not guaranteed across a failover.** A replica has only what it received: with
+/// asynchronous replication (the default) the last commits before a failover can be missing,
+/// and a retry of one of those requests runs again. Semi-synchronous replication or Galera,
+/// with `sync_binlog = 1` when the binary log is on (MariaDB's default is `0`: the operating
+/// system decides when the binary log reaches the disk), narrow that window; this is not
+/// tested here. The store neither checks nor changes these settings.
+///
+/// # Cleanup
+///
+/// Expired rows stay in the table until deleted. [`delete_expired`](Self::delete_expired)
+/// deletes them (expired responses, expired and released leases) in batches of
+/// [`cleanup_batch`](Self::cleanup_batch) rows (default 1,000), through the `expires_at` index,
+/// at READ COMMITTED and skipping rows other transactions hold locked (`SKIP LOCKED`), so it
+/// never waits for requests and never holds gap locks. [`spawn_cleanup`](Self::spawn_cleanup)
+/// runs it periodically on a tokio task; running it on every instance is safe.
+#[cfg_attr(docsrs, doc(cfg(feature = "mysql")))]
+#[derive(Clone)]
+pub struct MySqlStore {
+    pool: MySqlPool,
+    sql: Arc<Statements>,
+    cleanup_batch: u32,
+}
+
+/// The SQL of every statement, built once for the table name.
+struct Statements {
+    table: String,
+    create_table: Arc<str>,
+    read: Arc<str>,
+    insert: Arc<str>,
+    take_over: Arc<str>,
+    renew: Arc<str>,
+    complete: Arc<str>,
+    release: Arc<str>,
+    select_expired: Arc<str>,
+}
+
+impl Statements {
+    /// `table` must have passed [`validate_table_name`]: it is written into the SQL quoted,
+    /// and contains only `[a-z0-9_]`.
+    fn new(table: &str) -> Self {
+        let t = format!("`{table}`");
+        let index = format!("`{table}_expires_at_idx`");
+        let sql = |s: String| Arc::<str>::from(s);
+        Self {
+            table: table.to_owned(),
+            create_table: sql(format!(
+                "CREATE TABLE IF NOT EXISTS {t} (
+                    `key`        BINARY(32)  NOT NULL,
+                    fingerprint  BINARY(32)  NOT NULL,
+                    state        ENUM('in_flight', 'completed') NOT NULL,
+                    token        BINARY(16)  NULL,
+                    expires_at   DATETIME(6) NOT NULL,
+                    response     LONGBLOB    NULL,
+                    created_at   DATETIME(6) NOT NULL,
+                    completed_at DATETIME(6) NULL,
+                    PRIMARY KEY (`key`),
+                    KEY {index} (expires_at),
+                    CHECK ((state = 'in_flight') = (token IS NOT NULL AND response IS NULL))
+                ) ENGINE = InnoDB"
+            )),
+            // ? key. A plain (consistent, non-locking) read; the response only of a live
+            // completed record. UTC_TIMESTAMP(6) is one value for the whole statement.
+            read: sql(format!(
+                "SELECT fingerprint, state,
+                        TIMESTAMPDIFF(MICROSECOND, UTC_TIMESTAMP(6), expires_at) AS remaining_us,
+                        IF(state = 'completed' AND expires_at > UTC_TIMESTAMP(6), response, NULL)
+                            AS response
+                 FROM {t} WHERE `key` = ?"
+            )),
+            // ? key, ? fingerprint, ? token, ? lease in microseconds.
+            insert: sql(format!(
+                "INSERT INTO {t}
+                     (`key`, fingerprint, state, token, expires_at, response, created_at,
+                      completed_at)
+                 VALUES (?, ?, 'in_flight', ?, UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND, NULL,
+                         UTC_TIMESTAMP(6), NULL)"
+            )),
+            // ? fingerprint, ? token, ? lease in microseconds, ? key. The WHERE is evaluated on
+            // the latest committed version of the row, under its exclusive lock.
+            take_over: sql(format!(
+                "UPDATE {t} SET fingerprint = ?, state = 'in_flight', token = ?,
+                     expires_at = UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND, response = NULL,
+                     created_at = UTC_TIMESTAMP(6), completed_at = NULL
+                 WHERE `key` = ? AND expires_at <= UTC_TIMESTAMP(6)"
+            )),
+            // ? lease in microseconds, ? key, ? token.
+            renew: sql(format!(
+                "UPDATE {t} SET expires_at = UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND
+                 WHERE `key` = ? AND token = ? AND state = 'in_flight'"
+            )),
+            // ? encoded response, ? ttl in microseconds, ? key, ? token.
+            complete: sql(format!(
+                "UPDATE {t} SET state = 'completed', token = NULL, response = ?,
+                     expires_at = UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND,
+                     completed_at = UTC_TIMESTAMP(6)
+                 WHERE `key` = ? AND token = ? AND state = 'in_flight'"
+            )),
+            // ? a fresh token nobody holds, ? key, ? token. The lease ends now: its deadline
+            // one microsecond in the past, so the next `begin` takes the row over.
+            release: sql(format!(
+                "UPDATE {t} SET token = ?,
+                     expires_at = UTC_TIMESTAMP(6) - INTERVAL 1 MICROSECOND
+                 WHERE `key` = ? AND token = ? AND state = 'in_flight'"
+            )),
+            // ? batch size. Locks the expired rows it returns; skips rows in use.
+            select_expired: sql(format!(
+                "SELECT `key` FROM {t} WHERE expires_at <= UTC_TIMESTAMP(6)
+                 ORDER BY expires_at LIMIT ? FOR UPDATE SKIP LOCKED"
+            )),
+        }
+    }
+
+    /// `DELETE` of `rows` keys (locked by `select_expired` in the same transaction).
+    fn delete_keys(&self, rows: usize) -> String {
+        let mut placeholders = "?,".repeat(rows);
+        placeholders.pop();
+        format!(
+            "DELETE FROM `{}` WHERE `key` IN ({placeholders}) AND expires_at <= UTC_TIMESTAMP(6)",
+            self.table
+        )
+    }
+}
+
+/// A table name that [`MySqlStore::with_table_name`] refused.
+///
+/// A table name must be a plain lowercase identifier: 1 to 48 characters from `a`-`z`, `0`-`9`
+/// and `_`, not starting with a digit.
+#[cfg_attr(docsrs, doc(cfg(feature = "mysql")))]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MySqlTableNameError {
+    name: String,
+}
+
+impl fmt::Display for MySqlTableNameError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "invalid table name {:?}: expected 1 to {MAX_TABLE_NAME} characters of a-z, 0-9 and _, \
+             not starting with a digit",
+            self.name
+        )
+    }
+}
+
+impl std::error::Error for MySqlTableNameError {}
+
+fn validate_table_name(name: &str) -> Result<(), MySqlTableNameError> {
+    let valid = !name.is_empty()
+        && name.len() <= MAX_TABLE_NAME
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    if valid {
+        Ok(())
+    } else {
+        Err(MySqlTableNameError {
+            name: name.to_owned(),
+        })
+    }
+}
+
+/// A duration as whole microseconds, clamped to [`MAX_DURATION`].
+fn micros(duration: Duration) -> i64 {
+    duration.min(MAX_DURATION).as_micros() as i64
+}
+
+/// The MySQL error number of `error`, when the server answered with an error.
+fn error_number(error: &sqlx::Error) -> Option<u16> {
+    match error {
+        sqlx::Error::Database(db) => db
+            .try_downcast_ref::<MySqlDatabaseError>()
+            .map(MySqlDatabaseError::number),
+        _ => None,
+    }
+}
+
+/// Whether InnoDB rolled the statement back for a deadlock or a lock wait timeout, so that
+/// running it again (as a statement of its own) is safe and may succeed.
+fn is_lock_conflict(error: &sqlx::Error) -> bool {
+    matches!(
+        error_number(error),
+        Some(ER_LOCK_DEADLOCK | ER_LOCK_WAIT_TIMEOUT)
+    )
+}
+
+/// A short random pause before retry `attempt` (1-based) of a rolled-back statement, so that
+/// the transactions of a deadlock do not meet again in step: up to 1, 2, 4, 8 ms, then 8 ms.
+async fn lock_backoff(attempt: u32) {
+    let cap_us = 1000u128 << attempt.clamp(1, 4).saturating_sub(1);
+    let pause = LeaseToken::random().0 % cap_us;
+    tokio::time::sleep(Duration::from_micros(pause as u64)).await;
+}
+
+/// Runs `statement` (one autocommit statement, or a transaction of its own) again while InnoDB
+/// rolls it back for a lock conflict, at most [`LOCK_RETRIES`] more times.
+async fn with_lock_retries<T, F, Fut>(mut statement: F) -> Result<T, sqlx::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, sqlx::Error>>,
+{
+    let mut retries = 0;
+    loop {
+        match statement().await {
+            Err(error) if retries < LOCK_RETRIES && is_lock_conflict(&error) => {
+                retries += 1;
+                log_lock_retry(&error, retries);
+                lock_backoff(retries).await;
+            }
+            outcome => return outcome,
+        }
+    }
+}
+
+fn log_lock_retry(error: &sqlx::Error, retry: u32) {
+    tracing::debug!(
+        target: "tower_idempotency",
+        %error,
+        retry,
+        "idempotency store statement rolled back by InnoDB; running it again"
+    );
+}
+
+fn corrupt(source: impl Into<super::BoxError>) -> StoreError {
+    StoreError::new(StoreErrorKind::Corrupt, "stored record is corrupt").with_source(source)
+}
+
+impl fmt::Debug for MySqlStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MySqlStore")
+            .field("table", &self.sql.table)
+            .field("cleanup_batch", &self.cleanup_batch)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why one pass of `begin` did not decide.
+enum Pass {
+    /// The record changed between the read and the write: read again.
+    Raced,
+    /// InnoDB rolled the write back (deadlock, lock wait timeout).
+    Failed(sqlx::Error),
+}
+
+impl MySqlStore {
+    /// A store on `pool`, using the table `idempotency_records`. Creates nothing; call
+    /// [`migrate`](Self::migrate) (or create the table yourself) before use.
+    pub fn new(pool: MySqlPool) -> Self {
+        Self {
+            pool,
+            sql: Arc::new(Statements::new(DEFAULT_TABLE)),
+            cleanup_batch: 1000,
+        }
+    }
+
+    /// Connects a pool with sqlx's default pool options to `url` (for example
+    /// `mysql://user:password@host:3306/database`, see [`sqlx::mysql::MySqlConnectOptions`])
+    /// and returns a store on it, as [`new`](Self::new) does.
+    ///
+    /// Errors with [`StoreErrorKind::Unavailable`] (the sqlx error as its source) when the URL
+    /// is invalid or no connection can be made.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let pool = MySqlPool::connect(url)
+            .await
+            .map_err(StoreError::unavailable)?;
+        Ok(Self::new(pool))
+    }
+
+    /// Keeps the records in the table `name` instead of `idempotency_records` (the index is
+    /// named `<name>_expires_at_idx`). The table lives in the connection's database.
+    ///
+    /// Errors unless `name` is a plain lowercase identifier (see [`MySqlTableNameError`]).
+    pub fn with_table_name(mut self, name: &str) -> Result<Self, MySqlTableNameError> {
+        validate_table_name(name)?;
+        self.sql = Arc::new(Statements::new(name));
+        Ok(self)
+    }
+
+    /// How many rows one batch of [`delete_expired`](Self::delete_expired) removes at most.
+    /// Default: 1,000; at least 1, at most 10,000 (the keys of a batch are the placeholders of
+    /// one `DELETE`).
+    pub fn cleanup_batch(mut self, rows: u32) -> Self {
+        self.cleanup_batch = rows.clamp(1, MAX_CLEANUP_BATCH);
+        self
+    }
+
+    /// The table name.
+    pub fn table_name(&self) -> &str {
+        &self.sql.table
+    }
+
+    /// The pool the store uses.
+    pub fn pool(&self) -> &MySqlPool {
+        &self.pool
+    }
+
+    /// Creates the table and its index (see [Schema](Self#schema)) if they do not exist.
+    ///
+    /// Safe to call on every start of every instance: it holds a named lock
+    /// (`GET_LOCK`, derived from the database and table names) while it creates the table, so
+    /// concurrent calls do not trip over each other, and it changes nothing when the table
+    /// exists. It waits up to 60 seconds for a concurrent call's lock.
+    ///
+    /// Errors with [`StoreErrorKind::Unavailable`] when the database fails (for example, the
+    /// user may not create tables) or the lock was not granted within 60 seconds.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        let mut conn = self.pool.acquire().await.map_err(StoreError::unavailable)?;
+        // A named lock belongs to the session. 18 + 32 characters: within the 64 allowed.
+        let lock = "CONCAT('tower_idempotency:', MD5(CONCAT_WS('.', DATABASE(), ?)))";
+        let granted: Option<i64> =
+            sqlx::query_scalar(AssertSqlSafe(format!("SELECT GET_LOCK({lock}, ?)")))
+                .bind(&self.sql.table)
+                .bind(MIGRATE_LOCK_SECS)
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(StoreError::unavailable)?;
+        if granted != Some(1) {
+            return Err(StoreError::new(
+                StoreErrorKind::Unavailable,
+                "migrate: another migration held the lock for 60 seconds",
+            ));
+        }
+        let created = sqlx::raw_sql(AssertSqlSafe(self.sql.create_table.clone()))
+            .execute(&mut *conn)
+            .await
+            .map_err(StoreError::unavailable);
+        let released = sqlx::query(AssertSqlSafe(format!("DO RELEASE_LOCK({lock})")))
+            .bind(&self.sql.table)
+            .execute(&mut *conn)
+            .await;
+        if released.is_err() {
+            // Never hand a session that may still hold the lock back to the pool.
+            conn.close_on_drop();
+        }
+        created.map(drop)
+    }
+
+    /// Deletes every record whose deadline has passed (expired responses, expired and released
+    /// leases), in batches of [`cleanup_batch`](Self::cleanup_batch) rows, and returns how many
+    /// it deleted. Rows locked by other transactions are skipped and left for the next run.
+    ///
+    /// Expired records are never returned even before they are deleted; this only reclaims
+    /// space. An owner whose expired lease was deleted gets `Ok(false)` from `complete`.
+    ///
+    /// Errors with [`StoreErrorKind::Unavailable`] when the database fails; batches deleted
+    /// before the failure stay deleted.
+    pub async fn delete_expired(&self) -> Result<u64, StoreError> {
+        let mut deleted = 0;
+        loop {
+            let batch = with_lock_retries(|| self.delete_expired_batch())
+                .await
+                .map_err(StoreError::unavailable)?;
+            deleted += batch;
+            if batch < u64::from(self.cleanup_batch) {
+                return Ok(deleted);
+            }
+        }
+    }
+
+    /// One batch of [`delete_expired`](Self::delete_expired), in a transaction of its own at
+    /// READ COMMITTED (no gap locks).
+    async fn delete_expired_batch(&self) -> Result<u64, sqlx::Error> {
+        let mut conn = self.pool.acquire().await?;
+        // Applies to the next transaction on this session only.
+        conn.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+            .await?;
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+        let keys: Vec<Vec<u8>> = sqlx::query_scalar(AssertSqlSafe(self.sql.select_expired.clone()))
+            .bind(self.cleanup_batch)
+            .fetch_all(&mut *tx)
+            .await?;
+        if keys.is_empty() {
+            tx.commit().await?;
+            return Ok(0);
+        }
+        let mut delete =
+            sqlx::query(AssertSqlSafe(self.sql.delete_keys(keys.len()))).persistent(false);
+        for key in &keys {
+            delete = delete.bind(key.as_slice());
+        }
+        let deleted = delete.execute(&mut *tx).await?.rows_affected();
+        tx.commit().await?;
+        Ok(deleted)
+    }
+
+    /// Spawns a tokio task that calls [`delete_expired`](Self::delete_expired) every `period`
+    /// (the first run right away). Failures are logged with `tracing` at `warn` and retried at
+    /// the next tick. The task runs until aborted through the returned handle (or the runtime
+    /// shuts down).
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime, or if `period` is zero.
+    pub fn spawn_cleanup(&self, period: Duration) -> JoinHandle<()> {
+        let store = self.clone();
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tokio::spawn(async move {
+            loop {
+                tick.tick().await;
+                match store.delete_expired().await {
+                    Ok(deleted) => tracing::debug!(
+                        target: "tower_idempotency",
+                        table = store.table_name(),
+                        deleted,
+                        "deleted expired idempotency records"
+                    ),
+                    Err(error) => tracing::warn!(
+                        target: "tower_idempotency",
+                        table = store.table_name(),
+                        %error,
+                        "deleting expired idempotency records failed"
+                    ),
+                }
+            }
+        })
+    }
+
+    /// Stores `response` for `key` inside **your** transaction, only if `token` still owns the
+    /// lease: the token-checked `UPDATE` of [`complete`](IdempotencyStore::complete), run on
+    /// `executor` (`&mut *tx` for an `sqlx::Transaction<'_, MySql>`, or a
+    /// `&mut MySqlConnection`). `ttl` counts from the statement, on the server's clock, and is
+    /// clamped to 100 years.
+    ///
+    /// Run it in the handler's transaction, after the handler's own writes and before its
+    /// commit. `Ok(true)`: the record is completed, and becomes visible with your commit, so
+    /// your side effects and the stored response are committed together or not at all.
+    /// `Ok(false)`: the lease is no longer yours (it expired and another request took the key
+    /// over, or it was released or completed): **roll back**, so that the other request's run
+    /// is the only one. This is the fencing check: the `UPDATE` reads the latest committed row
+    /// under its exclusive lock, whatever your transaction's snapshot.
+    ///
+    /// From the `UPDATE` until your commit or rollback, your transaction holds the record's
+    /// row lock: duplicates still get their answer at once (their `begin` reads without
+    /// locking, and sees the record in flight until you commit), but the store's own `renew`
+    /// and `complete` for the key wait for your transaction. Keep it short.
+    ///
+    /// Errors with [`StoreErrorKind::Unavailable`] (the sqlx error as its source) when the
+    /// statement fails. It is not retried: a deadlock (error 1213) has rolled back your whole
+    /// transaction, so the caller retries the transaction, not the statement.
+    pub async fn complete_in<'c, E>(
+        &self,
+        executor: E,
+        key: &StoreKey,
+        token: LeaseToken,
+        response: &StoredResponse,
+        ttl: Duration,
+    ) -> Result<bool, StoreError>
+    where
+        E: Executor<'c, Database = MySql>,
+    {
+        let result = self
+            .complete_query(key, token, response.encode(), ttl)
+            .execute(executor)
+            .await
+            .map_err(StoreError::unavailable)?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    fn complete_query<'q>(
+        &self,
+        key: &'q StoreKey,
+        token: LeaseToken,
+        response: Vec<u8>,
+        ttl: Duration,
+    ) -> sqlx::query::Query<'q, MySql, sqlx::mysql::MySqlArguments> {
+        sqlx::query(AssertSqlSafe(self.sql.complete.clone()))
+            .bind(response)
+            .bind(micros(ttl))
+            .bind(&key.0[..])
+            .bind(token.to_bytes().to_vec())
+    }
+
+    /// One pass of `begin`: read, and if there is no live record, try to write a lease.
+    async fn try_begin(
+        &self,
+        key: &StoreKey,
+        fingerprint: &Fingerprint,
+        token: LeaseToken,
+        lease: i64,
+    ) -> Result<Result<Begin, Pass>, StoreError> {
+        let row = sqlx::query(AssertSqlSafe(self.sql.read.clone()))
+            .bind(&key.0[..])
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(StoreError::unavailable)?;
+        let written = match row {
+            Some(row) => {
+                if let Some(live) = live_record(&row)? {
+                    return Ok(Ok(live));
+                }
+                // Expired: take it over if it still is, on its latest committed version.
+                sqlx::query(AssertSqlSafe(self.sql.take_over.clone()))
+                    .bind(&fingerprint.0[..])
+                    .bind(&token.to_bytes()[..])
+                    .bind(lease)
+                    .bind(&key.0[..])
+                    .execute(&self.pool)
+                    .await
+                    .map(|done| done.rows_affected() == 1)
+            }
+            None => sqlx::query(AssertSqlSafe(self.sql.insert.clone()))
+                .bind(&key.0[..])
+                .bind(&fingerprint.0[..])
+                .bind(&token.to_bytes()[..])
+                .bind(lease)
+                .execute(&self.pool)
+                .await
+                .map(|_| true),
+        };
+        match written {
+            Ok(true) => Ok(Ok(Begin::Acquired(token))),
+            Ok(false) => Ok(Err(Pass::Raced)),
+            Err(error) if error_number(&error) == Some(ER_DUP_ENTRY) => Ok(Err(Pass::Raced)),
+            Err(error) if is_lock_conflict(&error) => Ok(Err(Pass::Failed(error))),
+            Err(error) => Err(StoreError::unavailable(error)),
+        }
+    }
+}
+
+/// Reads the row of the `read` statement: the live record it holds, or `None` when its
+/// deadline has passed.
+fn live_record(row: &MySqlRow) -> Result<Option<Begin>, StoreError> {
+    let remaining_us: i64 = row.try_get("remaining_us").map_err(corrupt)?;
+    if remaining_us <= 0 {
+        return Ok(None);
+    }
+    let fingerprint: &[u8] = row.try_get("fingerprint").map_err(corrupt)?;
+    let fingerprint = Fingerprint(
+        fingerprint
+            .try_into()
+            .map_err(|_| corrupt("a fingerprint is 32 bytes"))?,
+    );
+    let state: &str = row.try_get("state").map_err(corrupt)?;
+    match state {
+        "in_flight" => Ok(Some(Begin::InFlight {
+            fingerprint,
+            lease_remaining: Duration::from_micros(remaining_us as u64),
+        })),
+        "completed" => {
+            let bytes: &[u8] = row.try_get("response").map_err(corrupt)?;
+            Ok(Some(Begin::Completed {
+                fingerprint,
+                response: StoredResponse::decode(bytes)?,
+            }))
+        }
+        _ => Err(StoreError::new(
+            StoreErrorKind::Corrupt,
+            "stored record has an unknown state",
+        )),
+    }
+}
+
+#[cfg_attr(docsrs, doc(cfg(feature = "mysql")))]
+#[async_trait]
+impl IdempotencyStore for MySqlStore {
+    async fn begin(
+        &self,
+        key: &StoreKey,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+    ) -> Result<Begin, StoreError> {
+        let token = LeaseToken::random();
+        let lease = micros(lease);
+        let (mut passes, mut retries) = (0, 0);
+        loop {
+            match self.try_begin(key, fingerprint, token, lease).await? {
+                Ok(outcome) => return Ok(outcome),
+                Err(Pass::Raced) => {
+                    passes += 1;
+                    if passes == BEGIN_ATTEMPTS {
+                        return Err(StoreError::new(
+                            StoreErrorKind::Unavailable,
+                            "begin kept racing concurrent writers on the same key",
+                        ));
+                    }
+                }
+                Err(Pass::Failed(error)) => {
+                    if retries == LOCK_RETRIES {
+                        return Err(StoreError::unavailable(error));
+                    }
+                    retries += 1;
+                    log_lock_retry(&error, retries);
+                    lock_backoff(retries).await;
+                }
+            }
+        }
+    }
+
+    async fn renew(
+        &self,
+        key: &StoreKey,
+        token: LeaseToken,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        let result = with_lock_retries(|| {
+            sqlx::query(AssertSqlSafe(self.sql.renew.clone()))
+                .bind(micros(lease))
+                .bind(&key.0[..])
+                .bind(token.to_bytes().to_vec())
+                .execute(&self.pool)
+        })
+        .await
+        .map_err(StoreError::unavailable)?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    async fn complete(
+        &self,
+        key: &StoreKey,
+        token: LeaseToken,
+        response: &StoredResponse,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let encoded = response.encode();
+        let result = with_lock_retries(|| {
+            self.complete_query(key, token, encoded.clone(), ttl)
+                .execute(&self.pool)
+        })
+        .await
+        .map_err(StoreError::unavailable)?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    async fn release(&self, key: &StoreKey, token: LeaseToken) -> Result<bool, StoreError> {
+        let nobody = LeaseToken::random();
+        let result = with_lock_retries(|| {
+            sqlx::query(AssertSqlSafe(self.sql.release.clone()))
+                .bind(nobody.to_bytes().to_vec())
+                .bind(&key.0[..])
+                .bind(token.to_bytes().to_vec())
+                .execute(&self.pool)
+        })
+        .await
+        .map_err(StoreError::unavailable)?;
+        Ok(result.rows_affected() == 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_names_are_plain_identifiers() {
+        for good in [
+            "idempotency_records",
+            "a",
+            "_x1",
+            &"a".repeat(MAX_TABLE_NAME),
+        ] {
+            assert!(validate_table_name(good).is_ok(), "{good:?}");
+        }
+        for bad in [
+            "",
+            "1abc",
+            "Upper",
+            "a-b",
+            "a.b",
+            "a b",
+            "x`; DROP TABLE y; --",
+            "é",
+            &"a".repeat(MAX_TABLE_NAME + 1),
+        ] {
+            assert!(validate_table_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn durations_are_microseconds_clamped() {
+        assert_eq!(micros(Duration::from_millis(1500)), 1_500_000);
+        assert_eq!(micros(Duration::MAX), micros(MAX_DURATION));
+    }
+
+    #[test]
+    fn delete_lists_one_placeholder_per_key() {
+        let sql = Statements::new("t").delete_keys(3);
+        assert!(sql.contains("IN (?,?,?)"), "{sql}");
+    }
+}
