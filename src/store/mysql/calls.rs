@@ -1,0 +1,126 @@
+//! The store calls of [`MySqlStore`](super::MySqlStore), and how a record row is read.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use super::*;
+
+/// Reads the row of the `read` statement: the live record it holds, or `None` when its
+/// deadline has passed.
+pub(super) fn live_record(row: &MySqlRow) -> Result<Option<Begin>, StoreError> {
+    let remaining_us: i64 = row.try_get("remaining_us").map_err(corrupt)?;
+    if remaining_us <= 0 {
+        return Ok(None);
+    }
+    let fingerprint: &[u8] = row.try_get("fingerprint").map_err(corrupt)?;
+    let fingerprint = Fingerprint(
+        fingerprint
+            .try_into()
+            .map_err(|_| corrupt("a fingerprint is 32 bytes"))?,
+    );
+    let state: &str = row.try_get("state").map_err(corrupt)?;
+    match state {
+        "in_flight" => Ok(Some(Begin::InFlight {
+            fingerprint,
+            lease_remaining: Duration::from_micros(remaining_us as u64),
+        })),
+        "completed" => {
+            let bytes: &[u8] = row.try_get("response").map_err(corrupt)?;
+            Ok(Some(Begin::Completed {
+                fingerprint,
+                response: StoredResponse::decode(bytes)?,
+            }))
+        }
+        _ => Err(StoreError::new(
+            StoreErrorKind::Corrupt,
+            "stored record has an unknown state",
+        )),
+    }
+}
+
+#[cfg_attr(docsrs, doc(cfg(feature = "mysql")))]
+#[async_trait]
+impl IdempotencyStore for MySqlStore {
+    async fn begin(
+        &self,
+        key: &StoreKey,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+    ) -> Result<Begin, StoreError> {
+        let token = LeaseToken::random();
+        let lease = micros(lease);
+        let (mut passes, mut retries) = (0, 0);
+        loop {
+            match self.try_begin(key, fingerprint, token, lease).await? {
+                Ok(outcome) => return Ok(outcome),
+                Err(Pass::Raced) => {
+                    passes += 1;
+                    if passes == BEGIN_ATTEMPTS {
+                        return Err(StoreError::new(
+                            StoreErrorKind::Unavailable,
+                            "begin kept racing concurrent writers on the same key",
+                        ));
+                    }
+                }
+                Err(Pass::Failed(error)) => {
+                    if retries == LOCK_RETRIES {
+                        return Err(StoreError::unavailable(error));
+                    }
+                    retries += 1;
+                    log_lock_retry(&error, retries);
+                    lock_backoff(retries).await;
+                }
+            }
+        }
+    }
+
+    async fn renew(
+        &self,
+        key: &StoreKey,
+        token: LeaseToken,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        let result = with_lock_retries(|| {
+            sqlx::query(AssertSqlSafe(self.sql.renew.clone()))
+                .bind(micros(lease))
+                .bind(&key.0[..])
+                .bind(token.to_bytes().to_vec())
+                .execute(&self.pool)
+        })
+        .await
+        .map_err(StoreError::unavailable)?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    async fn complete(
+        &self,
+        key: &StoreKey,
+        token: LeaseToken,
+        response: &StoredResponse,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let encoded = response.encode();
+        let result = with_lock_retries(|| {
+            self.complete_query(key, token, encoded.clone(), ttl)
+                .execute(&self.pool)
+        })
+        .await
+        .map_err(StoreError::unavailable)?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    async fn release(&self, key: &StoreKey, token: LeaseToken) -> Result<bool, StoreError> {
+        let nobody = LeaseToken::random();
+        let result = with_lock_retries(|| {
+            sqlx::query(AssertSqlSafe(self.sql.release.clone()))
+                .bind(nobody.to_bytes().to_vec())
+                .bind(&key.0[..])
+                .bind(token.to_bytes().to_vec())
+                .execute(&self.pool)
+        })
+        .await
+        .map_err(StoreError::unavailable)?;
+        Ok(result.rows_affected() == 1)
+    }
+}

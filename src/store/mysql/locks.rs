@@ -1,0 +1,65 @@
+//! InnoDB lock conflicts (deadlocks, lock wait timeouts) and retrying a statement they rolled
+//! back.
+
+use std::{future::Future, time::Duration};
+
+use sqlx::mysql::MySqlDatabaseError;
+
+use super::{ER_LOCK_DEADLOCK, ER_LOCK_WAIT_TIMEOUT, LOCK_RETRIES};
+use crate::store::LeaseToken;
+
+/// The MySQL error number of `error`, when the server answered with an error.
+pub(super) fn error_number(error: &sqlx::Error) -> Option<u16> {
+    match error {
+        sqlx::Error::Database(db) => db
+            .try_downcast_ref::<MySqlDatabaseError>()
+            .map(MySqlDatabaseError::number),
+        _ => None,
+    }
+}
+
+/// Whether InnoDB rolled the statement back for a deadlock or a lock wait timeout, so that
+/// running it again (as a statement of its own) is safe and may succeed.
+pub(super) fn is_lock_conflict(error: &sqlx::Error) -> bool {
+    matches!(
+        error_number(error),
+        Some(ER_LOCK_DEADLOCK | ER_LOCK_WAIT_TIMEOUT)
+    )
+}
+
+/// A short random pause before retry `attempt` (1-based) of a rolled-back statement, so that
+/// the transactions of a deadlock do not meet again in step: up to 1, 2, 4, 8 ms, then 8 ms.
+pub(super) async fn lock_backoff(attempt: u32) {
+    let cap_us = 1000u128 << attempt.clamp(1, 4).saturating_sub(1);
+    let pause = LeaseToken::random().0 % cap_us;
+    tokio::time::sleep(Duration::from_micros(pause as u64)).await;
+}
+
+/// Runs `statement` (one autocommit statement, or a transaction of its own) again while InnoDB
+/// rolls it back for a lock conflict, at most [`LOCK_RETRIES`] more times.
+pub(super) async fn with_lock_retries<T, F, Fut>(mut statement: F) -> Result<T, sqlx::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, sqlx::Error>>,
+{
+    let mut retries = 0;
+    loop {
+        match statement().await {
+            Err(error) if retries < LOCK_RETRIES && is_lock_conflict(&error) => {
+                retries += 1;
+                log_lock_retry(&error, retries);
+                lock_backoff(retries).await;
+            }
+            outcome => return outcome,
+        }
+    }
+}
+
+pub(super) fn log_lock_retry(error: &sqlx::Error, retry: u32) {
+    tracing::debug!(
+        target: "tower_idempotency",
+        %error,
+        retry,
+        "idempotency store statement rolled back by InnoDB; running it again"
+    );
+}
