@@ -10,9 +10,12 @@
 //!   instance, and goes on until it gets a 2xx.
 //! - The handler records each run of each create (by the `create` field of the body) in a
 //!   ledger shared by the three instances, works 0.5 to 2.5 s, and answers 201 with a fresh id.
-//! - Faults: a 6 s partition of the store (bytes stop both ways, and flow again after, nothing
-//!   lost); on PostgreSQL also latency spikes of 1.5 s and 3 s per chunk, each way. Every outage
-//!   is shorter than the lease, so the count of double runs must be zero.
+//! - Faults, one test each, all shorter than the lease, so the count of double runs must be
+//!   zero: a 6 s partition of the store (bytes stop both ways and flow again after, nothing
+//!   lost); a 6 s crash of the store (every connection closed, new ones refused, then back with
+//!   its data); on PostgreSQL also latency spikes (every chunk delayed 1.5 s each way for 3 s,
+//!   then 3 s each way for 6 s).
+//! - The tests of the proxy itself, against an echo server, are at the end.
 //!
 //! Needs `REDIS_URL` / `DATABASE_URL`; unset, a test prints that it is skipped and passes,
 //! except under `CI=true`, where it fails. Records go under a Redis key prefix, or into a
