@@ -157,6 +157,8 @@ async fn upstream(url: &str, default_port: u16) -> SocketAddr {
 struct Run {
     instance: usize,
     id: String,
+    /// When it started, since the start of the run.
+    at: Duration,
 }
 
 /// Every handler run, by create, across all instances.
@@ -174,7 +176,12 @@ impl Ledger {
 }
 
 /// The handler: records the run, works, answers 201 `{"id", "create", "instance"}`.
-async fn create(instance: usize, ledger: Ledger, body: Json<Value>) -> (StatusCode, Json<Value>) {
+async fn create(
+    instance: usize,
+    ledger: Ledger,
+    started: Instant,
+    body: Json<Value>,
+) -> (StatusCode, Json<Value>) {
     let create = body["create"].as_u64().expect("create number");
     let work = body["work_ms"].as_u64().expect("work_ms");
     let id = uuid::Uuid::new_v4().to_string();
@@ -183,6 +190,7 @@ async fn create(instance: usize, ledger: Ledger, body: Json<Value>) -> (StatusCo
         Run {
             instance,
             id: id.clone(),
+            at: started.elapsed(),
         },
     );
     tokio::time::sleep(Duration::from_millis(work)).await;
@@ -195,6 +203,7 @@ async fn start_instance(
     instance: usize,
     store: Arc<dyn IdempotencyStore>,
     ledger: Ledger,
+    started: Instant,
     servers: &mut JoinSet<()>,
 ) -> SocketAddr {
     let layer = IdempotencyLayer::new()
@@ -205,7 +214,7 @@ async fn start_instance(
     let app = Router::new()
         .route(
             "/creates",
-            post(move |body| create(instance, ledger.clone(), body)),
+            post(move |body| create(instance, ledger.clone(), started, body)),
         )
         .layer(layer);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -239,15 +248,15 @@ impl Tally {
     }
 }
 
-/// The 2xx a client got in the end.
+/// What a client got in the end: the 2xx body, or (past [`GIVE_UP`]) what it saw last.
 #[derive(Debug)]
 struct Outcome {
     create: u64,
-    body: Value,
+    body: Result<Value, String>,
 }
 
 /// One client of `create`: sends it with its key and body, rotating over the instances, until
-/// a 2xx; panics past [`GIVE_UP`] since `started`.
+/// a 2xx, or until [`GIVE_UP`] has passed since `started`.
 async fn client(
     http: reqwest::Client,
     instances: Arc<Vec<SocketAddr>>,
@@ -260,11 +269,12 @@ async fn client(
     let work_ms = WORK_MIN.as_millis() as u64 + (create * 7919) % WORK_SPREAD;
     let body = json!({ "create": create, "work_ms": work_ms });
     let mut attempt = client;
+    let mut last = String::from("nothing");
     loop {
-        assert!(
-            started.elapsed() < GIVE_UP,
-            "create {create}, client {client}: no 2xx after {GIVE_UP:?}"
-        );
+        if started.elapsed() >= GIVE_UP {
+            let body = Err(format!("no 2xx after {GIVE_UP:?}; last: {last}"));
+            return Outcome { create, body };
+        }
         let instance = instances[attempt % instances.len()];
         attempt += 1;
         Tally::count(&tally.attempts);
@@ -290,25 +300,31 @@ async fn client(
                         } else {
                             &tally.created
                         });
+                        let body = Ok(body);
                         return Outcome { create, body };
                     }
                     // The body did not come within the timeout: try again.
                     Err(_) => Tally::count(&tally.timeouts),
                 }
+                last = format!("{status}, body cut off");
             }
-            Ok(response) => match response.status() {
-                StatusCode::CONFLICT => Tally::count(&tally.conflicts),
-                StatusCode::SERVICE_UNAVAILABLE => Tally::count(&tally.unavailable),
-                status => {
-                    let text = response.text().await.unwrap_or_default();
-                    Tally::count(&tally.other);
-                    eprintln!("create {create}: unexpected {status}: {text}");
+            Ok(response) => {
+                let status = response.status();
+                match status {
+                    StatusCode::CONFLICT => Tally::count(&tally.conflicts),
+                    StatusCode::SERVICE_UNAVAILABLE => Tally::count(&tally.unavailable),
+                    _ => Tally::count(&tally.other),
                 }
-            },
-            Err(error) if error.is_timeout() => Tally::count(&tally.timeouts),
+                let text = response.text().await.unwrap_or_default();
+                last = format!("{status} {text}");
+            }
             Err(error) => {
-                Tally::count(&tally.other);
-                eprintln!("create {create}: request failed: {error}");
+                Tally::count(if error.is_timeout() {
+                    &tally.timeouts
+                } else {
+                    &tally.other
+                });
+                last = format!("{error}");
             }
         }
         tokio::time::sleep(CLIENT_PAUSE).await;
@@ -322,11 +338,18 @@ async fn client(
 /// then checks that every create ran once and every client got its one response.
 async fn run(test: &str, proxy: &FaultProxy, stores: Vec<Arc<dyn IdempotencyStore>>, plan: &Plan) {
     assert_eq!(stores.len(), INSTANCES);
+    // The layer's trace, with `RUST_LOG` (`tower_idempotency=info`, say), to see why a create
+    // ran twice.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     let ledger = Ledger::default();
     let mut servers = JoinSet::new();
     let mut instances = Vec::new();
+    let started = Instant::now();
     for (n, store) in stores.into_iter().enumerate() {
-        instances.push(start_instance(n, store, ledger.clone(), &mut servers).await);
+        instances.push(start_instance(n, store, ledger.clone(), started, &mut servers).await);
     }
     let instances = Arc::new(instances);
     let http = reqwest::Client::builder()
@@ -334,7 +357,6 @@ async fn run(test: &str, proxy: &FaultProxy, stores: Vec<Arc<dyn IdempotencyStor
         .build()
         .unwrap();
     let tally = Arc::new(Tally::default());
-    let started = Instant::now();
 
     // The faults, on their own schedule.
     let faults = {
@@ -376,21 +398,29 @@ async fn run(test: &str, proxy: &FaultProxy, stores: Vec<Arc<dyn IdempotencyStor
         .collect();
     double.sort_unstable();
     let extra_runs: usize = double.iter().map(|(_, n)| n - 1).sum();
+    let gave_up: Vec<String> = outcomes
+        .iter()
+        .filter_map(|o| {
+            o.body
+                .as_ref()
+                .err()
+                .map(|e| format!("create {}: {e}", o.create))
+        })
+        .collect();
     let mut mismatched = Vec::new();
+    let mut by_create: HashMap<u64, Vec<&Value>> = HashMap::new();
     for outcome in &outcomes {
+        let Ok(body) = &outcome.body else { continue };
         let runs = runs.get(&outcome.create).map(Vec::as_slice).unwrap_or(&[]);
-        let id = outcome.body["id"].as_str().expect("an id");
+        let id = body["id"].as_str().expect("an id");
         if !runs.iter().any(|run| run.id == id) {
             mismatched.push(outcome.create);
         }
-    }
-    let mut by_create: HashMap<u64, Vec<&Outcome>> = HashMap::new();
-    for outcome in &outcomes {
-        by_create.entry(outcome.create).or_default().push(outcome);
+        by_create.entry(outcome.create).or_default().push(body);
     }
     let mut disagreeing: Vec<u64> = by_create
         .iter()
-        .filter(|(_, seen)| seen.iter().any(|o| o.body["id"] != seen[0].body["id"]))
+        .filter(|(_, seen)| seen.iter().any(|body| body["id"] != seen[0]["id"]))
         .map(|(create, _)| *create)
         .collect();
     disagreeing.sort_unstable();
@@ -399,8 +429,8 @@ async fn run(test: &str, proxy: &FaultProxy, stores: Vec<Arc<dyn IdempotencyStor
         "{test}: {CREATES} creates x {CLIENTS_PER_CREATE} clients over {INSTANCES} instances, \
          lease {LEASE:?}: {} attempts, {} x 201 first, {} x 201 replayed, {} x 409, {} x 503, \
          {} timeouts, {} other; handler runs {}, creates run more than once {} ({extra_runs} \
-         extra runs: {double:?}); clients seeing different ids {}; {} proxy connections; \
-         took {took:.1?}",
+         extra runs: {double:?}); clients seeing different ids {}; clients without a 2xx {}; \
+         {} proxy connections; took {took:.1?}",
         Tally::get(&tally.attempts),
         Tally::get(&tally.created),
         Tally::get(&tally.replayed),
@@ -411,11 +441,18 @@ async fn run(test: &str, proxy: &FaultProxy, stores: Vec<Arc<dyn IdempotencyStor
         runs.values().map(Vec::len).sum::<usize>(),
         double.len(),
         disagreeing.len(),
+        gave_up.len(),
         proxy.accepted(),
     );
+    for line in gave_up.iter().take(10) {
+        eprintln!("  {line}");
+    }
     for (create, _) in &double {
-        let on: Vec<usize> = runs[create].iter().map(|run| run.instance).collect();
-        eprintln!("  create {create} ran on instances {on:?}");
+        let on: Vec<String> = runs[create]
+            .iter()
+            .map(|run| format!("instance {} at {:.2?}", run.instance, run.at))
+            .collect();
+        eprintln!("  create {create} ran on {}", on.join(", "));
     }
     assert_eq!(outcomes.len(), CREATES * CLIENTS_PER_CREATE);
     assert_eq!(runs.len(), CREATES, "every create ran");
@@ -424,6 +461,7 @@ async fn run(test: &str, proxy: &FaultProxy, stores: Vec<Arc<dyn IdempotencyStor
         "{} creates ran more than once: {double:?}",
         double.len()
     );
+    assert!(gave_up.is_empty(), "clients without a 2xx: {gave_up:?}");
     assert!(mismatched.is_empty(), "responses of no run: {mismatched:?}");
     assert!(
         disagreeing.is_empty(),
