@@ -5,17 +5,22 @@
 //!   create runs exactly once more, and never a third time.
 //! - An instance sent `SIGTERM` while creates whose clients have left still run: it finishes
 //!   them and stores their responses before it exits, and retries on another instance replay
-//!   them; nothing runs twice.
+//!   them; nothing runs twice (on Redis, and on PostgreSQL with one resource per create).
+//!
+//! - On PostgreSQL (`--store postgres`, resources in the database, each create committed with
+//!   its idempotency record): an instance killed before its commit leaves nothing, and the
+//!   retry on another instance creates the one resource; killed after its commit but before
+//!   its answer, the retry replays the committed response (same id), still one resource.
 //!
 //! `cargo test` builds the package's examples before the tests, so the `seed_api` binary is at
 //! `<target dir>/<profile>/examples/seed_api`; a test run that built only its own target
 //! (`cargo test --test process`) needs `cargo build --all-features --example seed_api` first.
-//! The binary must be built with the `redis` feature (as `--all-features` does).
+//! The binary must be built with the features the tests use (as `--all-features` does).
 //!
-//! Needs `REDIS_URL`; unset, a test prints that it is skipped and passes, except under
+//! Needs `REDIS_URL` and `DATABASE_URL`; unset, a test prints that it is skipped and passes, except under
 //! `CI=true`, where it fails. Every process a test starts is killed when the test ends, also
 //! when it fails.
-#![cfg(feature = "redis")]
+#![cfg(any(feature = "redis", feature = "postgres"))]
 
 mod common;
 
@@ -66,7 +71,7 @@ fn seed_api_binary() -> PathBuf {
     let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let newest_source = newest_modification(&[
         manifest.join("src"),
-        manifest.join("examples").join("seed_api.rs"),
+        manifest.join("examples").join("seed_api"),
     ]);
     assert!(
         newest_source <= built,
@@ -132,10 +137,10 @@ impl SeedApi {
             std::thread::spawn(move || {
                 for line in BufReader::new(pipe).lines() {
                     let Ok(line) = line else { break };
-                    if let Some(banner) = &banner {
-                        if let Some(addr) = listening_on(&line) {
-                            let _ = banner.send(addr);
-                        }
+                    if let Some(banner) = &banner
+                        && let Some(addr) = listening_on(&line)
+                    {
+                        let _ = banner.send(addr);
                     }
                     output.lock().unwrap().push(line);
                 }
@@ -321,6 +326,7 @@ async fn create(
 // ---------------------------------------------------------------------------------------------
 // The tests
 
+#[cfg(feature = "redis")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_create_killed_mid_handler_runs_once_more_after_its_lease_and_never_again() {
     let test = "a_create_killed_mid_handler_runs_once_more_after_its_lease_and_never_again";
@@ -421,24 +427,22 @@ async fn a_create_killed_mid_handler_runs_once_more_after_its_lease_and_never_ag
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_drains_creates_whose_clients_left_and_another_instance_replays_them() {
-    let test = "sigterm_drains_creates_whose_clients_left_and_another_instance_replays_them";
-    let Some(redis_url) = common::service_url("REDIS_URL", test) else {
-        return;
-    };
+/// Starts A and B with `flags` (and a 60 s lease, a 2 s handler, a 20 s drain), sends five
+/// creates to A whose clients leave after 300 ms, sends A `SIGTERM`, and checks that A drains
+/// and exits, and that retries on B replay every create and run none. Returns B, the
+/// organization, and the replayed bodies.
+async fn sigterm_drains(test: &str, flags: &[&str]) -> (SeedApi, String, Vec<Value>) {
     // A lease far longer than the test: a create that A does not finish blocks its key with
     // 409 for all of it.
-    let flags = [
-        "--store",
-        "redis",
-        "--redis-url",
-        &redis_url,
+    let mut flags = flags.to_vec();
+    flags.extend([
         "--handler-delay-ms",
         "2000",
         "--lease-secs",
         "60",
-    ];
+        "--drain-timeout-secs",
+        "20",
+    ]);
     let mut a = SeedApi::start("A", &flags).await;
     let b = SeedApi::start("B", &flags).await;
     let client = reqwest::Client::new();
@@ -467,6 +471,7 @@ async fn sigterm_drains_creates_whose_clients_left_and_another_instance_replays_
     assert!(status.success(), "A exited with {status}:\n{output}");
 
     // Every retry, on B, is the replay of A's response: nothing runs again, nothing waits.
+    let mut replayed = Vec::new();
     for key in &keys {
         let answer = create(&client, &b, &org, "agents", key, &body)
             .await
@@ -477,6 +482,7 @@ async fn sigterm_drains_creates_whose_clients_left_and_another_instance_replays_
             "A did not store this create before it exited: {answer:?}\nA's output:\n{output}"
         );
         assert_eq!(answer.body["data"]["object"], "agent");
+        replayed.push(answer.body);
     }
     assert_eq!(
         b.handler_calls(&client, &org).await,
@@ -486,5 +492,184 @@ async fn sigterm_drains_creates_whose_clients_left_and_another_instance_replays_
     eprintln!(
         "{test}: 5 creates running detached on A; SIGTERM; A exited ({status}) after {took:.1?}; \
          B replayed all 5 and ran none"
+    );
+    (b, org, replayed)
+}
+
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_creates_whose_clients_left_and_another_instance_replays_them() {
+    let test = "sigterm_drains_creates_whose_clients_left_and_another_instance_replays_them";
+    let Some(redis_url) = common::service_url("REDIS_URL", test) else {
+        return;
+    };
+    sigterm_drains(test, &["--store", "redis", "--redis-url", &redis_url]).await;
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_sigterm_drains_and_every_create_made_one_resource() {
+    let test = "postgres_sigterm_drains_and_every_create_made_one_resource";
+    let Some(url) = common::service_url("DATABASE_URL", test) else {
+        return;
+    };
+    let (b, org, replayed) = sigterm_drains(test, &postgres_flags(&url, &[])).await;
+    // One agent per create, each the one its retry replayed.
+    let agents = b.list(&reqwest::Client::new(), &org, "agents").await;
+    let mut listed: Vec<&Value> = agents.iter().map(|agent| &agent["id"]).collect();
+    let mut replayed: Vec<&Value> = replayed.iter().map(|body| &body["data"]["id"]).collect();
+    listed.sort_by_key(|id| id.to_string());
+    replayed.sort_by_key(|id| id.to_string());
+    assert_eq!(listed, replayed, "one agent per create, as replayed");
+}
+
+/// `seed_api --store postgres` flags on `url`, then `more`.
+#[cfg(feature = "postgres")]
+fn postgres_flags<'a>(url: &'a str, more: &[&'a str]) -> Vec<&'a str> {
+    let mut flags = vec!["--store", "postgres", "--database-url", url];
+    flags.extend_from_slice(more);
+    flags
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_create_killed_before_its_commit_leaves_nothing_and_the_retry_creates_one() {
+    let test =
+        "postgres_a_create_killed_before_its_commit_leaves_nothing_and_the_retry_creates_one";
+    let Some(url) = common::service_url("DATABASE_URL", test) else {
+        return;
+    };
+    let flags = postgres_flags(&url, &["--handler-delay-ms", "2000", "--lease-secs", "3"]);
+    let mut a = SeedApi::start("A", &flags).await;
+    let b = SeedApi::start("B", &flags).await;
+    let client = reqwest::Client::new();
+    let org = format!("sk_test_{}", unique());
+    let key = uuid::Uuid::new_v4().to_string();
+    let body = json!({ "name": "Support agent", "voice": "alloy" });
+
+    // Killed while the handler sleeps, before its transaction began.
+    let first = tokio::spawn({
+        let (client, url) = (client.clone(), a.url("/agents"));
+        let (org, key, body) = (org.clone(), key.clone(), body.clone());
+        async move {
+            client
+                .post(url)
+                .bearer_auth(org)
+                .header("x-idempotency-key", key)
+                .json(&body)
+                .send()
+                .await
+        }
+    });
+    a.until_handler_calls(&client, &org, 1).await;
+    let killed_at = Instant::now();
+    a.kill();
+    assert!(
+        first.await.unwrap().is_err(),
+        "the killed instance answered"
+    );
+    assert!(
+        b.list(&client, &org, "agents").await.is_empty(),
+        "nothing was committed"
+    );
+
+    // The retry on B: 409 while A's lease lasts, then one run.
+    let mut conflicts = 0;
+    let created = loop {
+        let answer = create(&client, &b, &org, "agents", &key, &body)
+            .await
+            .expect("B answers");
+        if answer.status == StatusCode::CREATED {
+            break answer;
+        }
+        assert_eq!(answer.status, StatusCode::CONFLICT, "{answer:?}");
+        conflicts += 1;
+        assert!(killed_at.elapsed() < PATIENCE, "A's lease never expired");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(!created.replayed);
+    let replay = create(&client, &b, &org, "agents", &key, &body)
+        .await
+        .expect("B answers");
+    assert!(replay.replayed && replay.body == created.body, "{replay:?}");
+
+    let agents = b.list(&client, &org, "agents").await;
+    assert_eq!(agents.len(), 1, "exactly one agent: {agents:?}");
+    assert_eq!(agents[0]["id"], created.body["data"]["id"]);
+    eprintln!(
+        "{test}: A killed before its commit: no agent; {conflicts} x 409 from B, then B created \
+         the one agent; its retry replays it"
+    );
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_create_killed_after_its_commit_is_replayed_with_the_same_id() {
+    let test = "postgres_a_create_killed_after_its_commit_is_replayed_with_the_same_id";
+    let Some(url) = common::service_url("DATABASE_URL", test) else {
+        return;
+    };
+    // A commits at once and then waits 5 s before answering: killed in between.
+    let mut a = SeedApi::start(
+        "A",
+        &postgres_flags(
+            &url,
+            &["--after-commit-delay-ms", "5000", "--lease-secs", "3"],
+        ),
+    )
+    .await;
+    let b = SeedApi::start("B", &postgres_flags(&url, &["--lease-secs", "3"])).await;
+    let client = reqwest::Client::new();
+    let org = format!("sk_test_{}", unique());
+    let key = uuid::Uuid::new_v4().to_string();
+    let body = json!({ "name": "Support agent", "voice": "alloy" });
+
+    let first = tokio::spawn({
+        let (client, url) = (client.clone(), a.url("/agents"));
+        let (org, key, body) = (org.clone(), key.clone(), body.clone());
+        async move {
+            client
+                .post(url)
+                .bearer_auth(org)
+                .header("x-idempotency-key", key)
+                .json(&body)
+                .send()
+                .await
+        }
+    });
+    // The agent is visible from B once A's transaction committed.
+    let deadline = Instant::now() + PATIENCE;
+    let committed = loop {
+        let agents = b.list(&client, &org, "agents").await;
+        if let [agent] = agents.as_slice() {
+            break agent.clone();
+        }
+        assert!(agents.is_empty(), "{agents:?}");
+        assert!(Instant::now() < deadline, "A never committed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    a.kill();
+    assert!(
+        first.await.unwrap().is_err(),
+        "the client of the killed instance got no answer"
+    );
+
+    // The retry on B, at once: the committed response, the same agent.
+    let replay = create(&client, &b, &org, "agents", &key, &body)
+        .await
+        .expect("B answers");
+    assert_eq!(
+        (replay.status, replay.replayed),
+        (StatusCode::CREATED, true),
+        "{replay:?}"
+    );
+    assert_eq!(replay.body["data"]["id"], committed["id"]);
+    assert_eq!(b.handler_calls(&client, &org).await, 0, "B ran it again");
+    let agents = b.list(&client, &org, "agents").await;
+    assert_eq!(agents.len(), 1, "still one agent: {agents:?}");
+    eprintln!(
+        "{test}: A killed between its commit and its answer; B replays the committed agent \
+         ({}), one agent in all",
+        committed["id"]
     );
 }
