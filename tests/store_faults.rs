@@ -13,8 +13,8 @@
 //! - Faults, one test each, all shorter than the lease, so the count of double runs must be
 //!   zero: a 6 s partition of the store (bytes stop both ways and flow again after, nothing
 //!   lost); a 6 s crash of the store (every connection closed, new ones refused, then back with
-//!   its data); on PostgreSQL also latency spikes (every chunk delayed 1.5 s each way for 3 s,
-//!   then 3 s each way for 6 s).
+//!   its data); on PostgreSQL also latency spikes (every chunk delayed 1.5 s each way for 2 s,
+//!   then 3 s each way for 4 s).
 //! - The tests of the proxy itself, against an echo server, are at the end.
 //!
 //! Needs `REDIS_URL` / `DATABASE_URL`; unset, a test prints that it is skipped and passes,
@@ -96,19 +96,20 @@ const CRASH: Plan = Plan {
     }],
 };
 
-/// Latency spikes: every chunk delayed 1.5 s each way for 3 s, then 3 s each way for 6 s,
-/// while the creates started in the first 6 s run.
+/// Latency spikes, 6 s in all from 1 s on: every chunk delayed 1.5 s each way for 2 s, then
+/// 3 s each way for 4 s, while the creates started in the first 6 s run. Every store call then
+/// outlasts the layer's store timeout (2 s): to the layer it is a 6 s outage.
 const LATENCY: Plan = Plan {
     spread: ms(6_000),
     faults: &[
         Window {
             at: ms(1_000),
-            lasting: ms(3_000),
+            lasting: ms(2_000),
             fault: NetFault::Latency(ms(1_500)),
         },
         Window {
-            at: ms(4_000),
-            lasting: ms(6_000),
+            at: ms(3_000),
+            lasting: ms(4_000),
             fault: NetFault::Latency(ms(3_000)),
         },
     ],
