@@ -138,6 +138,8 @@ async fn accept(
 ) {
     loop {
         let Ok((client, _)) = listener.accept().await else {
+            // Out of file descriptors, say: try again shortly rather than spin.
+            tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         };
         accepted.fetch_add(1, Ordering::Relaxed);
@@ -260,8 +262,11 @@ async fn pipe(
             let _ = to.shutdown().await;
         }
     };
-    // The writer ends after the reader (its channel closes) or on its own error.
-    let reader = tokio::spawn(reader);
-    writer.await;
-    reader.abort();
+    // A reader that saw the end of the stream lets the writer deliver what is left; a writer
+    // that failed ends the reader. Dropping this future (a reset) ends both at once.
+    let (reader, writer) = (std::pin::pin!(reader), std::pin::pin!(writer));
+    match futures_util::future::select(reader, writer).await {
+        futures_util::future::Either::Left(((), writer)) => writer.await,
+        futures_util::future::Either::Right(((), _reader)) => {}
+    }
 }
