@@ -3,6 +3,8 @@
 //! layer asked of it.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod proxy;
+
 use std::{
     convert::Infallible,
     future::Future,
