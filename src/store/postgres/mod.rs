@@ -3,7 +3,10 @@
 use std::{fmt, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
-use sqlx::{AssertSqlSafe, PgPool, Row, postgres::PgRow};
+use sqlx::{
+    AssertSqlSafe, PgPool, Row,
+    postgres::{PgPoolOptions, PgRow},
+};
 use tokio::task::JoinHandle;
 
 mod statements;
@@ -111,6 +114,16 @@ const BEGIN_ATTEMPTS: usize = 16;
 /// owner can still `complete` (finishing late is better than running twice), as with
 /// [`MemoryStore`](super::MemoryStore).
 ///
+/// # Connections
+///
+/// `begin` runs on the pool you give (or [`connect`](Self::connect) makes). `renew`, `complete`
+/// and `release`, the calls of a request that holds a lease, run on a second pool of their own
+/// (at most 2 connections by default, [`owner_connections`](Self::owner_connections); opened
+/// when needed, closed after a minute unused). After an outage, every client retries at once,
+/// and their `begin` calls can fill the main pool's queue for seconds; an owner whose renewal
+/// or completion waited behind them could see its lease run out, and a duplicate then run the
+/// request a second time. Count these connections in the database's `max_connections`.
+///
 /// # Cleanup
 ///
 /// Expired rows stay in the table until deleted. [`delete_expired`](Self::delete_expired)
@@ -123,8 +136,24 @@ const BEGIN_ATTEMPTS: usize = 16;
 #[derive(Clone)]
 pub struct PostgresStore {
     pool: PgPool,
+    /// Lease maintenance (`renew`, `complete`, `release`): owners that hold a lease never queue
+    /// behind the `begin` calls of their duplicates.
+    owners: PgPool,
     sql: Arc<Statements>,
     cleanup_batch: i64,
+}
+
+/// The owners' pool's size unless [`PostgresStore::owner_connections`] says otherwise.
+const DEFAULT_OWNER_CONNECTIONS: u32 = 2;
+
+/// A pool of at most `connections` on `pool`'s connect options, opened as needed and closed
+/// after a minute unused.
+fn owner_pool(pool: &PgPool, connections: u32) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(connections)
+        .min_connections(0)
+        .idle_timeout(Duration::from_secs(60))
+        .connect_lazy_with((*pool.connect_options()).clone())
 }
 
 /// A duration as whole microseconds, clamped to [`MAX_DURATION`].
@@ -148,12 +177,24 @@ impl fmt::Debug for PostgresStore {
 impl PostgresStore {
     /// A store on `pool`, using the table `idempotency_records`. Creates nothing; call
     /// [`migrate`](Self::migrate) (or create the table yourself) before use.
+    ///
+    /// Lease maintenance gets a small pool of its own, on the same connect options (see
+    /// [Connections](Self#connections)); call within a tokio runtime.
     pub fn new(pool: PgPool) -> Self {
+        let owners = owner_pool(&pool, DEFAULT_OWNER_CONNECTIONS);
         Self {
             pool,
+            owners,
             sql: Arc::new(Statements::new(DEFAULT_TABLE)),
             cleanup_batch: 1000,
         }
+    }
+
+    /// How many connections the owners' pool opens at most (see
+    /// [Connections](Self#connections)). Default: 2; at least 1.
+    pub fn owner_connections(mut self, connections: u32) -> Self {
+        self.owners = owner_pool(&self.pool, connections.max(1));
+        self
     }
 
     /// Connects a pool with sqlx's default pool options to `url` (for example
@@ -369,7 +410,7 @@ impl IdempotencyStore for PostgresStore {
             .bind(&key.0[..])
             .bind(&token.to_bytes()[..])
             .bind(micros(lease))
-            .execute(&self.pool)
+            .execute(&self.owners)
             .await
             .map_err(StoreError::unavailable)?;
         Ok(result.rows_affected() == 1)
@@ -387,7 +428,7 @@ impl IdempotencyStore for PostgresStore {
             .bind(&token.to_bytes()[..])
             .bind(response.encode())
             .bind(micros(ttl))
-            .execute(&self.pool)
+            .execute(&self.owners)
             .await
             .map_err(StoreError::unavailable)?;
         Ok(result.rows_affected() == 1)
@@ -397,7 +438,7 @@ impl IdempotencyStore for PostgresStore {
         let result = sqlx::query(AssertSqlSafe(self.sql.release.clone()))
             .bind(&key.0[..])
             .bind(&token.to_bytes()[..])
-            .execute(&self.pool)
+            .execute(&self.owners)
             .await
             .map_err(StoreError::unavailable)?;
         Ok(result.rows_affected() == 1)
