@@ -15,6 +15,10 @@
 //! cargo run --example seed_api --features redis -- --store redis --redis-url redis://127.0.0.1:6379
 //! cargo run --example seed_api --features postgres -- --store postgres \
 //!     --database-url postgres://postgres@127.0.0.1:5432/test
+//! cargo run --example seed_api --features redis-cluster -- --store redis-cluster \
+//!     --redis-url redis://127.0.0.1:7000,redis://127.0.0.1:7001 --redis-wait-replicas 1
+//! cargo run --example seed_api --features mysql -- --store mysql \
+//!     --database-url mysql://root@127.0.0.1:3306/test
 //! ```
 //!
 //! On start it prints its address and two identical `curl` lines: the first creates an agent,
@@ -103,15 +107,26 @@ pub struct Config {
     /// runs; it runs out only when the process is gone).
     #[arg(long, default_value_t = 60)]
     pub lease_secs: u64,
-    /// Where idempotency records are kept. `redis` and `postgres` need the crate feature of the
-    /// same name (`cargo run --example seed_api --features redis -- --store redis`).
+    /// Where idempotency records are kept. Every store but `memory` needs the crate feature of
+    /// the same name (`cargo run --example seed_api --features redis -- --store redis`).
     #[arg(long, value_enum, default_value_t = StoreKind::Memory)]
     pub store: StoreKind,
-    /// Redis URL for `--store redis` [default: $REDIS_URL, else redis://127.0.0.1:6379].
+    /// Redis URL for `--store redis` [default: $REDIS_URL, else redis://127.0.0.1:6379]; for
+    /// `--store redis-cluster`, one or more seed node URLs separated by commas [default:
+    /// $REDIS_CLUSTER_URL, else redis://127.0.0.1:7000].
     #[arg(long)]
     pub redis_url: Option<String>,
-    /// PostgreSQL URL for `--store postgres` [default: $DATABASE_URL, else
-    /// postgres://postgres@127.0.0.1:5432/test].
+    /// With `--store redis` or `redis-cluster`: `begin` and `complete` wait until this many
+    /// replicas have the write (`WAIT`), up to `--redis-wait-ms`; fewer is a store error (503,
+    /// or a completion tried again). 0: off (a failover may lose the last writes).
+    #[arg(long, default_value_t = 0)]
+    pub redis_wait_replicas: u32,
+    /// How long `--redis-wait-replicas` waits for the replicas, in milliseconds.
+    #[arg(long, default_value_t = 500)]
+    pub redis_wait_ms: u64,
+    /// Database URL for `--store postgres` [default: $DATABASE_URL, else
+    /// postgres://postgres@127.0.0.1:5432/test] and `--store mysql` [default: $MYSQL_URL, else
+    /// mysql://root@127.0.0.1:3306/test].
     #[arg(long)]
     pub database_url: Option<String>,
     /// With `--store postgres`: a create sleeps this long after its transaction commits and
@@ -159,8 +174,12 @@ pub enum StoreKind {
     Memory,
     /// Redis (feature `redis`).
     Redis,
-    /// PostgreSQL (feature `postgres`).
+    /// Redis Cluster (feature `redis-cluster`).
+    RedisCluster,
+    /// PostgreSQL (feature `postgres`); the resources live there too.
     Postgres,
+    /// MySQL or MariaDB (feature `mysql`).
+    Mysql,
 }
 
 /// The idempotency layer as the reference API configures it: the four create endpoints,
