@@ -6,6 +6,9 @@ use http::{HeaderName, Method, StatusCode};
 use tokio_util::task::TaskTracker;
 use tower::Layer;
 
+/// The default [`max_response_body`](IdempotencyLayer::max_response_body): 4 MiB.
+pub const DEFAULT_MAX_RESPONSE_BODY: usize = 4 * 1024 * 1024;
+
 /// The default [completion deadline](IdempotencyLayer::completion_deadline): 5 minutes.
 pub const DEFAULT_COMPLETION_DEADLINE: Duration = Duration::from_secs(5 * 60);
 
@@ -73,7 +76,7 @@ impl IdempotencyLayer {
                 lease: Duration::from_secs(60),
                 ttl: Duration::from_secs(24 * 60 * 60),
                 max_request_body: 2 * 1024 * 1024,
-                max_response_body: 4 * 1024 * 1024,
+                max_response_body: DEFAULT_MAX_RESPONSE_BODY,
                 store_timeout: Duration::from_secs(2),
                 store_failure: StoreFailure::FailClosed,
                 run_to_completion: true,

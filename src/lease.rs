@@ -187,6 +187,16 @@ fn lease_lost(method: &Method, path: &str) {
     );
 }
 
+fn refused_after_error(method: &Method, path: &str) {
+    tracing::warn!(
+        target: "tower_idempotency",
+        %method,
+        path,
+        "the store refused a later try to store the response: an earlier try whose answer was \
+         lost stored it, or the lease was lost (it expired and was taken over)"
+    );
+}
+
 /// Tries `complete` again until the store takes the response, the store says the token lost
 /// the lease, or the layer's completion deadline passes; the lease is renewed every third of
 /// its duration meanwhile, so that no duplicate takes it over while the store is back but
@@ -222,7 +232,9 @@ async fn keep_completing(
                 );
                 return;
             }
-            Ok(false) => return lease_lost(method, path),
+            // An earlier try that reported an error may have stored the response after all
+            // (its reply was lost); the store cannot tell that from a lost lease.
+            Ok(false) => return refused_after_error(method, path),
             Err(error) => error,
         };
         if Instant::now() >= deadline {

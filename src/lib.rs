@@ -96,11 +96,13 @@ pub use config::{
 pub use drain::{Drain, DrainTimedOut};
 pub use future::ResponseFuture;
 pub use key::{IdempotencyKey, KeyError, MAX_KEY_LEN};
-pub use layer::{DEFAULT_COMPLETION_DEADLINE, IdempotencyLayer};
+pub use layer::{DEFAULT_COMPLETION_DEADLINE, DEFAULT_MAX_RESPONSE_BODY, IdempotencyLayer};
 pub use response::{REPLAYED_HEADER, StoredResponse};
 pub use scope::{AuthorizationScope, ExtensionScope, Scope, ScopeDigest, ScopeExtractor, scope_fn};
 pub use service::{Idempotency, UNPROTECTED_HEADER};
 pub use store::{IdempotencyStore, MemoryStore};
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+pub use transactional::TransactionalError;
 pub use transactional::{CaptureError, Lease};
 
 /// The README's examples, compiled and run as doctests.

@@ -260,7 +260,7 @@ where
     parts.extensions.insert(key);
     parts
         .extensions
-        .insert(Lease::new(store_key, token, &config));
+        .insert(Lease::from_config(store_key, token, &config));
     let req = Request::from_parts(parts, ReqBody::from(bytes));
     let guard = LeaseGuard {
         config: config.clone(),

@@ -21,6 +21,9 @@
 
 use std::{convert::Infallible, fmt, time::Duration};
 
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+use crate::store::StoreError;
+
 use axum::{
     body::Body,
     extract::{FromRequestParts, OptionalFromRequestParts},
@@ -66,12 +69,25 @@ impl fmt::Debug for Lease {
 }
 
 impl Lease {
-    pub(crate) fn new(key: StoreKey, token: LeaseToken, config: &Config) -> Self {
+    pub(crate) fn from_config(key: StoreKey, token: LeaseToken, config: &Config) -> Self {
         Self {
             key,
             token,
             ttl: config.ttl,
             max_response_body: config.max_response_body,
+        }
+    }
+
+    /// A lease on `key` held by `token`, its response to be kept for `ttl`, and
+    /// [`capture`](Self::capture) bounded by the layer's default of 4 MiB. The layer makes the
+    /// leases it hands to handlers itself; this is for tests and for code that calls a store's
+    /// `complete_in` outside a request (with a token from its own `begin`).
+    pub fn new(key: StoreKey, token: LeaseToken, ttl: Duration) -> Self {
+        Self {
+            key,
+            token,
+            ttl,
+            max_response_body: crate::layer::DEFAULT_MAX_RESPONSE_BODY,
         }
     }
 
@@ -194,5 +210,83 @@ impl HandlerCompleted {
         extensions
             .remove::<HandlerCompleted>()
             .is_some_and(|marker| marker.0 == token)
+    }
+}
+
+/// Why a store's `complete_in_transaction` (`PostgresStore`, `MySqlStore`) did not commit. In
+/// every case the handler's transaction was rolled back (or never committed): none of its
+/// writes happened.
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+#[cfg_attr(docsrs, doc(cfg(any(feature = "postgres", feature = "mysql"))))]
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum TransactionalError {
+    /// The lease's token no longer owns the record: the lease expired and another request
+    /// took the key over. That request runs (or ran) the side effects; these writes must not.
+    /// As a response: 409 `in-flight` with `Retry-After: 1`, so the client's retry gets the
+    /// other run's response.
+    LeaseLost,
+    /// The response could not be stored (too large, trailers, a failing body). As a response:
+    /// 500.
+    Capture(CaptureError),
+    /// The database failed, in the update or the commit. As a response: 503
+    /// `store-unavailable` with `Retry-After: 1`; the layer then releases the lease (a 5xx is
+    /// not stored), so the retry runs.
+    ///
+    /// A commit whose answer was lost may still have committed; the release is token-checked,
+    /// so it cannot undo a record that did commit, and the retry replays it.
+    Database(StoreError),
+}
+
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+impl fmt::Display for TransactionalError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TransactionalError::LeaseLost => f.write_str(
+                "the idempotency lease was lost (it expired and another request took the key \
+                 over); the transaction was rolled back",
+            ),
+            TransactionalError::Capture(error) => {
+                write!(f, "the response cannot be stored: {error}")
+            }
+            TransactionalError::Database(error) => write!(f, "{error}"),
+        }
+    }
+}
+
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+impl std::error::Error for TransactionalError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            TransactionalError::LeaseLost => None,
+            TransactionalError::Capture(error) => Some(error),
+            TransactionalError::Database(error) => Some(error),
+        }
+    }
+}
+
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+impl IntoResponse for TransactionalError {
+    fn into_response(self) -> Response<Body> {
+        let retry = std::time::Duration::from_secs(1);
+        match self {
+            TransactionalError::LeaseLost => Problem::new(
+                ProblemKind::InFlight,
+                "another request with this idempotency key took over; retry to get its response",
+            )
+            .retry_after(retry)
+            .into_response(),
+            TransactionalError::Capture(error) => Problem::new(
+                ProblemKind::ResponseUnstorable,
+                format!("the response cannot be stored: {error}"),
+            )
+            .into_response(),
+            TransactionalError::Database(_) => Problem::new(
+                ProblemKind::StoreUnavailable,
+                "the database failed; nothing was committed, retry later",
+            )
+            .retry_after(retry)
+            .into_response(),
+        }
     }
 }

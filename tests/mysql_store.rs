@@ -42,7 +42,7 @@ use sqlx::{
 };
 use tokio::{net::TcpListener, sync::Barrier, task::JoinSet, time::Instant};
 use tower_idempotency::{
-    IdempotencyLayer, IdempotencyStore,
+    IdempotencyLayer, IdempotencyStore, Lease,
     store::{Begin, LeaseToken, MySqlStore, StoreErrorKind, StoreKey},
 };
 
@@ -840,7 +840,7 @@ async fn complete_in_commits_the_response_with_the_handlers_writes() {
         let response = marked_response("in-tx");
         assert!(
             store
-                .complete_in(&mut *tx, &key, token, &response, LONG)
+                .complete_in(&mut *tx, &Lease::new(key, token, LONG), &response)
                 .await
                 .unwrap()
         );
@@ -876,7 +876,11 @@ async fn complete_in_rolled_back_leaves_the_lease_and_no_side_effect() {
         create_call(&mut tx, &calls).await;
         assert!(
             store
-                .complete_in(&mut *tx, &key, token, &marked_response("x"), LONG)
+                .complete_in(
+                    &mut *tx,
+                    &Lease::new(key, token, LONG),
+                    &marked_response("x")
+                )
                 .await
                 .unwrap()
         );
@@ -903,7 +907,11 @@ async fn complete_in_fences_an_owner_that_lost_its_lease() {
         let new = acquire(&store, &key, &new_fingerprint, LONG).await;
         assert!(
             !store
-                .complete_in(&mut *tx, &key, old, &marked_response("old"), LONG)
+                .complete_in(
+                    &mut *tx,
+                    &Lease::new(key, old, LONG),
+                    &marked_response("old")
+                )
                 .await
                 .unwrap(),
             "a lost lease is refused inside the transaction"
@@ -916,7 +924,11 @@ async fn complete_in_fences_an_owner_that_lost_its_lease() {
         create_call(&mut tx, &calls).await;
         assert!(
             store
-                .complete_in(&mut *tx, &key, new, &marked_response("new"), LONG)
+                .complete_in(
+                    &mut *tx,
+                    &Lease::new(key, new, LONG),
+                    &marked_response("new")
+                )
                 .await
                 .unwrap()
         );
@@ -944,7 +956,7 @@ async fn a_takeover_waits_for_an_uncommitted_completion_and_replays_it() {
         let response = marked_response("owner");
         assert!(
             store
-                .complete_in(&mut *tx, &key, token, &response, LONG)
+                .complete_in(&mut *tx, &Lease::new(key, token, LONG), &response)
                 .await
                 .unwrap()
         );

@@ -42,7 +42,9 @@ pub use self::redis::{RedisDurability, RedisStore};
 mod postgres;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
-pub use self::postgres::{PostgresStore, TableNameError, TransactionalError};
+pub use self::postgres::{PostgresStore, TableNameError};
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+pub use crate::TransactionalError;
 
 #[cfg(feature = "mysql")]
 #[cfg_attr(docsrs, doc(cfg(feature = "mysql")))]
@@ -340,6 +342,13 @@ pub trait IdempotencyStore: Send + Sync + 'static {
     /// answers, the next `begin` must agree: `Ok(true)` means the response is replayed,
     /// `Ok(false)` means the key is free. Once another `begin` has acquired the key, the old
     /// token never succeeds again.
+    ///
+    /// The layer calls `complete` again after an error (durable completion), so a call whose
+    /// reply was lost is repeated by the same owner. A repeat by the token that already
+    /// completed the record may answer `Ok(true)` (a store that remembers the completing token,
+    /// as `RedisStore` does with `wait_replicas`, where the repeat is how an unacknowledged
+    /// write gets acknowledged) or `Ok(false)`; either way it must not change the stored
+    /// response.
     async fn complete(
         &self,
         key: &StoreKey,

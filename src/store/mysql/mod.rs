@@ -8,6 +8,7 @@ use tokio::task::JoinHandle;
 mod calls;
 mod locks;
 mod statements;
+mod transaction;
 
 use calls::live_record;
 use locks::{error_number, is_lock_conflict, lock_backoff, log_lock_retry, with_lock_retries};
@@ -416,47 +417,6 @@ impl MySqlStore {
                 }
             }
         })
-    }
-
-    /// Stores `response` for `key` inside **your** transaction, only if `token` still owns the
-    /// lease: the token-checked `UPDATE` of [`complete`](IdempotencyStore::complete), run on
-    /// `executor` (`&mut *tx` for an `sqlx::Transaction<'_, MySql>`, or a
-    /// `&mut MySqlConnection`). `ttl` counts from the statement, on the server's clock, and is
-    /// clamped to 100 years.
-    ///
-    /// Run it in the handler's transaction, after the handler's own writes and before its
-    /// commit. `Ok(true)`: the record is completed, and becomes visible with your commit, so
-    /// your side effects and the stored response are committed together or not at all.
-    /// `Ok(false)`: the lease is no longer yours (it expired and another request took the key
-    /// over, or it was released or completed): **roll back**, so that the other request's run
-    /// is the only one. This is the fencing check: the `UPDATE` reads the latest committed row
-    /// under its exclusive lock, whatever your transaction's snapshot.
-    ///
-    /// From the `UPDATE` until your commit or rollback, your transaction holds the record's
-    /// row lock: duplicates still get their answer at once (their `begin` reads without
-    /// locking, and sees the record in flight until you commit), but the store's own `renew`
-    /// and `complete` for the key wait for your transaction. Keep it short.
-    ///
-    /// Errors with [`StoreErrorKind::Unavailable`] (the sqlx error as its source) when the
-    /// statement fails. It is not retried: a deadlock (error 1213) has rolled back your whole
-    /// transaction, so the caller retries the transaction, not the statement.
-    pub async fn complete_in<'c, E>(
-        &self,
-        executor: E,
-        key: &StoreKey,
-        token: LeaseToken,
-        response: &StoredResponse,
-        ttl: Duration,
-    ) -> Result<bool, StoreError>
-    where
-        E: Executor<'c, Database = MySql>,
-    {
-        let result = self
-            .complete_query(key, token, response.encode(), ttl)
-            .execute(executor)
-            .await
-            .map_err(StoreError::unavailable)?;
-        Ok(result.rows_affected() == 1)
     }
 
     fn complete_query<'q>(

@@ -104,7 +104,7 @@ impl Statements {
     }
 }
 
-/// A table name that [`MySqlStore::with_table_name`] refused.
+/// A table name that [`MySqlStore::with_table_name`](super::MySqlStore::with_table_name) refused.
 ///
 /// A table name must be a plain lowercase identifier: 1 to 48 characters from `a`-`z`, `0`-`9`
 /// and `_`, not starting with a digit.

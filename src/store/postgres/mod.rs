@@ -14,7 +14,6 @@ mod transaction;
 
 pub use statements::TableNameError;
 use statements::{Statements, validate_table_name};
-pub use transaction::TransactionalError;
 
 use super::{
     Begin, Fingerprint, IdempotencyStore, LeaseToken, StoreError, StoreErrorKind, StoreKey,

@@ -1,90 +1,14 @@
 //! Completion inside the handler's own transaction, for [`PostgresStore`].
 
-use std::fmt;
-
 use axum::{body::Body, response::IntoResponse};
 use http::Response;
 use sqlx::{AssertSqlSafe, PgConnection, Postgres, Transaction};
 
 use super::{PostgresStore, micros};
 use crate::{
-    CaptureError, Lease,
-    problem::{Problem, ProblemKind},
+    Lease, TransactionalError,
     store::{StoreError, StoredResponse},
 };
-
-/// Why [`PostgresStore::complete_in_transaction`] did not commit. In every case the handler's
-/// transaction was rolled back (or never committed): none of its writes happened.
-#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
-#[derive(Debug)]
-#[non_exhaustive]
-pub enum TransactionalError {
-    /// The lease's token no longer owns the record: the lease expired and another request
-    /// took the key over. That request runs (or ran) the side effects; these writes must not.
-    /// As a response: 409 `in-flight` with `Retry-After: 1`, so the client's retry gets the
-    /// other run's response.
-    LeaseLost,
-    /// The response could not be stored (too large, trailers, a failing body). As a response:
-    /// 500.
-    Capture(CaptureError),
-    /// The database failed, in the update or the commit. As a response: 503
-    /// `store-unavailable` with `Retry-After: 1`; the layer then releases the lease (a 5xx is
-    /// not stored), so the retry runs.
-    ///
-    /// A commit whose answer was lost may still have committed; the release is token-checked,
-    /// so it cannot undo a record that did commit, and the retry replays it.
-    Database(StoreError),
-}
-
-impl fmt::Display for TransactionalError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            TransactionalError::LeaseLost => f.write_str(
-                "the idempotency lease was lost (it expired and another request took the key \
-                 over); the transaction was rolled back",
-            ),
-            TransactionalError::Capture(error) => {
-                write!(f, "the response cannot be stored: {error}")
-            }
-            TransactionalError::Database(error) => write!(f, "{error}"),
-        }
-    }
-}
-
-impl std::error::Error for TransactionalError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            TransactionalError::LeaseLost => None,
-            TransactionalError::Capture(error) => Some(error),
-            TransactionalError::Database(error) => Some(error),
-        }
-    }
-}
-
-impl IntoResponse for TransactionalError {
-    fn into_response(self) -> axum::response::Response {
-        let retry = std::time::Duration::from_secs(1);
-        match self {
-            TransactionalError::LeaseLost => Problem::new(
-                ProblemKind::InFlight,
-                "another request with this idempotency key took over; retry to get its response",
-            )
-            .retry_after(retry)
-            .into_response(),
-            TransactionalError::Capture(error) => Problem::new(
-                ProblemKind::ResponseUnstorable,
-                format!("the response cannot be stored: {error}"),
-            )
-            .into_response(),
-            TransactionalError::Database(_) => Problem::new(
-                ProblemKind::StoreUnavailable,
-                "the database failed; nothing was committed, retry later",
-            )
-            .retry_after(retry)
-            .into_response(),
-        }
-    }
-}
 
 impl PostgresStore {
     /// Completes the record of `lease` with `stored` through `conn`, a connection inside your
