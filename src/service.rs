@@ -32,7 +32,7 @@ use crate::{
     response::StoredResponse,
     scope::ScopeDigest,
     store::{BoxError, StoreKey},
-    transactional::{HANDLER_COMPLETED, HandlerCompleted, Lease},
+    transactional::{DoNotStore, HANDLER_COMPLETED, HandlerCompleted, Lease},
 };
 
 /// The header that marks a response served without protection because the store failed and
@@ -321,8 +321,12 @@ where
             ));
         }
         // A 1xx is no final response (hyper sends 500 in its place): never stored, whatever the
-        // policy says.
-        if parts.status.is_informational() || !(config.status_policy)(parts.status) {
+        // policy says; nor is an answer that says the handler did not get to finish (a fenced
+        // transactional completion).
+        if parts.status.is_informational()
+            || !(config.status_policy)(parts.status)
+            || DoNotStore::take(&mut parts.extensions)
+        {
             return Ok((
                 parts,
                 Captured::NotStored(Body::new(body), "status not stored"),

@@ -199,6 +199,19 @@ impl<S: Send + Sync> OptionalFromRequestParts<S> for Lease {
     }
 }
 
+/// In the response extensions: this answer is not the request's outcome (the handler's
+/// transaction was fenced and rolled back), so the layer must not store it; a retry then gets
+/// the outcome of the request that holds the key.
+#[derive(Clone, Copy)]
+pub(crate) struct DoNotStore;
+
+impl DoNotStore {
+    /// Removes the marker from `extensions`; whether it was there.
+    pub(crate) fn take(extensions: &mut Extensions) -> bool {
+        extensions.remove::<DoNotStore>().is_some()
+    }
+}
+
 /// In the response extensions: the handler completed the record with this token itself.
 #[derive(Clone)]
 pub(crate) struct HandlerCompleted(LeaseToken);
@@ -223,8 +236,8 @@ impl HandlerCompleted {
 pub enum TransactionalError {
     /// The lease's token no longer owns the record: the lease expired and another request
     /// took the key over. That request runs (or ran) the side effects; these writes must not.
-    /// As a response: 409 `in-flight` with `Retry-After: 1`, so the client's retry gets the
-    /// other run's response.
+    /// As a response: 409 `in-flight` with `Retry-After: 1`, which the layer does not store,
+    /// so the client's retry gets the other run's response.
     LeaseLost,
     /// The response could not be stored (too large, trailers, a failing body). As a response:
     /// 500.
@@ -270,12 +283,18 @@ impl IntoResponse for TransactionalError {
     fn into_response(self) -> Response<Body> {
         let retry = std::time::Duration::from_secs(1);
         match self {
-            TransactionalError::LeaseLost => Problem::new(
-                ProblemKind::InFlight,
-                "another request with this idempotency key took over; retry to get its response",
-            )
-            .retry_after(retry)
-            .into_response(),
+            TransactionalError::LeaseLost => {
+                let mut response: Response<Body> = Problem::new(
+                    ProblemKind::InFlight,
+                    "another request with this idempotency key took over; retry to get its \
+                     response",
+                )
+                .retry_after(retry)
+                .into_response();
+                // Not this request's outcome: a retry must get the other request's.
+                response.extensions_mut().insert(DoNotStore);
+                response
+            }
             TransactionalError::Capture(error) => Problem::new(
                 ProblemKind::ResponseUnstorable,
                 format!("the response cannot be stored: {error}"),

@@ -96,6 +96,7 @@ impl PostgresStore {
         match self.complete_in(&mut tx, lease, &stored).await {
             Ok(true) => {}
             Ok(false) => {
+                self.explain_refusal(&mut tx, lease).await;
                 // Dropping `tx` would roll back too; say it out loud.
                 let _ = tx.rollback().await;
                 return Err(TransactionalError::LeaseLost);
@@ -106,5 +107,29 @@ impl PostgresStore {
             .await
             .map_err(|error| TransactionalError::Database(StoreError::unavailable(error)))?;
         Ok(lease.committed(&stored))
+    }
+
+    /// After a refused completion: a lease with no record at all means the layer keeps its
+    /// records elsewhere (another store, another table), a misconfiguration that would refuse
+    /// every request; say so in the log. A record held by another token is the fencing doing
+    /// its work.
+    async fn explain_refusal(&self, conn: &mut PgConnection, lease: &Lease) {
+        let sql = format!(
+            "SELECT EXISTS (SELECT 1 FROM \"{}\" WHERE key = $1)",
+            self.table_name()
+        );
+        let exists: Result<bool, _> = sqlx::query_scalar(AssertSqlSafe(sql))
+            .bind(&lease.store_key().0[..])
+            .fetch_one(conn)
+            .await;
+        if let Ok(false) = exists {
+            tracing::error!(
+                target: "tower_idempotency",
+                table = self.table_name(),
+                "a handler's lease has no idempotency record in this table: the layer keeps its \
+                 records in another store or table. Give the layer this same PostgresStore \
+                 (IdempotencyLayer::store), or every such request is refused with 409"
+            );
+        }
     }
 }
