@@ -15,7 +15,7 @@
 //!
 //! let app: Router = Router::new()
 //!     .route("/calls", post(|| async { (StatusCode::CREATED, "created") }))
-//!     .layer(IdempotencyLayer::new().post("/calls"));
+//!     .route_layer(IdempotencyLayer::new());
 //! # let _ = app;
 //! ```
 //!
@@ -63,9 +63,10 @@
 //!
 //! # Stores
 //!
-//! [`MemoryStore`] (default) for one instance; `RedisStore` (feature `redis`) and
-//! `PostgresStore` (feature `postgres`) when several instances share clients. The contract is
-//! [`IdempotencyStore`].
+//! [`MemoryStore`] (default) for one instance; `RedisStore` (feature `redis`; Redis Cluster with
+//! `redis-cluster`), `PostgresStore` (feature `postgres`) and `MySqlStore` (feature `mysql`)
+//! when several instances share clients. The contract is [`IdempotencyStore`]; feature
+//! `testing` has its conformance suite and a fault-injecting store.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod begin;
@@ -89,6 +90,11 @@ pub mod testing;
 mod transactional;
 
 pub use async_trait::async_trait;
+/// The `sqlx` this crate's SQL stores are built on (0.9), for handlers that complete their
+/// record in their own transaction: use it, so that pools and transactions are the same types.
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+#[cfg_attr(docsrs, doc(cfg(any(feature = "postgres", feature = "mysql"))))]
+pub use sqlx;
 pub use config::{
     DEFAULT_HEADER, IETF_HEADER, InFlight, KeyReuse, MissingScope, StatusPolicy, StoreFailure,
     default_status_policy,

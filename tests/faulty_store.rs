@@ -80,3 +80,50 @@ async fn a_delay_waits_then_forwards_and_a_hang_never_answers() {
     .await;
     assert!(hung.is_err());
 }
+
+/// A store whose `release` does nothing.
+#[derive(Clone)]
+struct NoRelease(MemoryStore);
+
+#[tower_idempotency::async_trait]
+impl IdempotencyStore for NoRelease {
+    async fn begin(
+        &self,
+        key: &StoreKey,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+    ) -> Result<Begin, tower_idempotency::store::StoreError> {
+        self.0.begin(key, fingerprint, lease).await
+    }
+    async fn renew(
+        &self,
+        key: &StoreKey,
+        token: tower_idempotency::store::LeaseToken,
+        lease: Duration,
+    ) -> Result<bool, tower_idempotency::store::StoreError> {
+        self.0.renew(key, token, lease).await
+    }
+    async fn complete(
+        &self,
+        key: &StoreKey,
+        token: tower_idempotency::store::LeaseToken,
+        response: &tower_idempotency::StoredResponse,
+        ttl: Duration,
+    ) -> Result<bool, tower_idempotency::store::StoreError> {
+        self.0.complete(key, token, response, ttl).await
+    }
+    async fn release(
+        &self,
+        _: &StoreKey,
+        _: tower_idempotency::store::LeaseToken,
+    ) -> Result<bool, tower_idempotency::store::StoreError> {
+        Ok(false)
+    }
+}
+
+/// The conformance suite names the rule a store broke in its panic message.
+#[tokio::test(start_paused = true)]
+#[should_panic(expected = "store conformance: rule `release_lets_next_begin_acquire` broke")]
+async fn the_conformance_suite_names_the_rule_that_broke() {
+    tower_idempotency::testing::conformance::run_all(NoRelease(MemoryStore::new())).await;
+}

@@ -15,8 +15,9 @@
 //! }
 //! ```
 //!
-//! A check that fails panics with the rule that broke (each check's name goes to stderr before
-//! it runs). Run it on a real clock for stores that keep time on a server, and on a paused
+//! A check that fails panics with the rule that broke, as in ``store conformance: rule
+//! `release_lets_next_begin_acquire` broke: ...``. Your store must be `Clone` (derive it, or pass an
+//! `Arc` of it): checks that race several calls share it between tasks. Run it on a real clock for stores that keep time on a server, and on a paused
 //! tokio clock (`#[tokio::test(start_paused = true)]`) for stores on tokio's clock.
 //!
 //! `run_all(store).await` runs every check; each check is also a `pub async fn` of its own, so
@@ -52,7 +53,7 @@ pub async fn run_all<S: IdempotencyStore + Clone>(store: S) {
     macro_rules! checks {
         ($($check:ident),* $(,)?) => {$(
             eprintln!("store conformance: {}", stringify!($check));
-            $check(&store).await;
+            check_named(stringify!($check), $check(&store)).await;
         )*};
     }
     checks!(
@@ -71,6 +72,20 @@ pub async fn run_all<S: IdempotencyStore + Clone>(store: S) {
         concurrent_begin_acquires_exactly_once,
         wait_returns_within_timeout,
     );
+}
+
+/// Runs one check; a failure panics again with the rule's name in front of its message.
+async fn check_named(name: &str, check: impl std::future::Future<Output = ()>) {
+    use futures_util::FutureExt;
+
+    if let Err(panic) = std::panic::AssertUnwindSafe(check).catch_unwind().await {
+        let message = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("(no message)");
+        panic!("store conformance: rule `{name}` broke: {message}");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -262,10 +262,20 @@ impl MySqlStore {
     ///
     /// Errors with [`StoreErrorKind::Unavailable`] (the sqlx error as its source) when the URL
     /// is invalid or no connection can be made.
+    ///
+    /// It opens one connection first, so that a database that cannot be reached fails at once
+    /// with the driver's cause (connection refused, access denied, unknown database) instead
+    /// of a pool timeout 30 s later.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        let pool = MySqlPool::connect(url)
-            .await
-            .map_err(StoreError::unavailable)?;
+        use sqlx::{
+            ConnectOptions, Connection,
+            mysql::{MySqlConnectOptions, MySqlPoolOptions},
+        };
+
+        let options: MySqlConnectOptions = url.parse().map_err(StoreError::unavailable)?;
+        let first = options.connect().await.map_err(StoreError::unavailable)?;
+        let _ = first.close().await;
+        let pool = MySqlPoolOptions::new().connect_lazy_with(options);
         Ok(Self::new(pool))
     }
 

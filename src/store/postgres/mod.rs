@@ -202,10 +202,17 @@ impl PostgresStore {
     ///
     /// Errors with [`StoreErrorKind::Unavailable`] (the sqlx error as its source) when the URL
     /// is invalid or no connection can be made.
+    ///
+    /// It opens one connection first, so that a database that cannot be reached fails at once
+    /// with the driver's cause (connection refused, authentication failed, no such database)
+    /// instead of a pool timeout 30 s later.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        let pool = PgPool::connect(url)
-            .await
-            .map_err(StoreError::unavailable)?;
+        use sqlx::{ConnectOptions, Connection, postgres::PgConnectOptions};
+
+        let options: PgConnectOptions = url.parse().map_err(StoreError::unavailable)?;
+        let first = options.connect().await.map_err(StoreError::unavailable)?;
+        let _ = first.close().await;
+        let pool = PgPoolOptions::new().connect_lazy_with(options);
         Ok(Self::new(pool))
     }
 
