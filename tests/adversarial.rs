@@ -507,3 +507,38 @@ async fn a_success_whose_answer_cannot_be_stored_runs_once() {
         assert_eq!(calls.get(), 1, "{path}: one create, one run");
     }
 }
+
+/// A store that stops answering (a blackhole) while a handler runs: each lease renewal waits
+/// for the store timeout. The handler was not polled while a renewal was waiting, so it made
+/// progress only in the short pauses between renewals: 4 steps of 100 ms took over 2 s, and
+/// during an outage every running handler (holding its own connections and locks) crawled.
+/// Renewals now run beside the handler.
+#[tokio::test]
+async fn a_hanging_store_does_not_stall_the_running_handler() {
+    let store = TestStore::new(MemoryStore::new());
+    let app = Router::new()
+        .route(
+            "/calls",
+            post(|| async {
+                let started = tokio::time::Instant::now();
+                for _ in 0..4 {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                format!("{}", started.elapsed().as_millis())
+            }),
+        )
+        .layer(
+            IdempotencyLayer::new()
+                .store(store.clone())
+                .lease(Duration::from_millis(300))
+                .store_timeout(Duration::from_millis(500)),
+        );
+    store.set_faults(|f| f.renew = Fault::Hang);
+    let reply = send(&app, request("/calls", Some("k"), "{}")).await;
+    let took: u64 = reply.text().parse().unwrap();
+    assert!(
+        took < 1000,
+        "4 steps of 100 ms took {took} ms while renewals hung"
+    );
+    assert!(store.events().renews >= 1, "{:?}", store.events());
+}
