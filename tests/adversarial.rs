@@ -542,3 +542,42 @@ async fn a_hanging_store_does_not_stall_the_running_handler() {
     );
     assert!(store.events().renews >= 1, "{:?}", store.events());
 }
+
+/// Durations meant as "for ever" (`Duration::MAX`): the in-memory store added them to the
+/// clock and panicked. With the TTL, that panic came after the handler had run, so the lease
+/// was released, the client got a 500, and its retry ran the handler again; with the lease or
+/// the completion deadline, every keyed request panicked.
+#[tokio::test]
+async fn durations_meant_as_for_ever_do_not_panic_or_run_twice() {
+    let settings: [(&str, fn(IdempotencyLayer) -> IdempotencyLayer); 4] = [
+        ("ttl", |layer| layer.ttl(Duration::MAX)),
+        ("lease", |layer| layer.lease(Duration::MAX)),
+        ("completion_deadline", |layer| {
+            layer.completion_deadline(Duration::MAX)
+        }),
+        ("in_flight wait", |layer| {
+            layer.in_flight(InFlight::Wait {
+                timeout: Duration::MAX,
+            })
+        }),
+    ];
+    for (setting, set) in settings {
+        let calls = Calls::default();
+        let counted = calls.clone();
+        let app = Router::new()
+            .route(
+                "/calls",
+                post(move |body: Bytes| {
+                    let calls = counted.clone();
+                    async move { created(calls.hit(), &body) }
+                }),
+            )
+            .layer(set(IdempotencyLayer::new()))
+            .layer(tower_http::catch_panic::CatchPanicLayer::new());
+        let first = send(&app, request("/calls", Some("k"), "{}")).await;
+        assert_eq!(first.status, StatusCode::CREATED, "{setting}: {first:?}");
+        let retry = send(&app, request("/calls", Some("k"), "{}")).await;
+        assert!(retry.replayed(), "{setting}: {retry:?}");
+        assert_eq!(calls.get(), 1, "{setting}: one run");
+    }
+}
