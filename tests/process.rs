@@ -10,7 +10,9 @@
 //! - On PostgreSQL (`--store postgres`, resources in the database, each create committed with
 //!   its idempotency record): an instance killed before its commit leaves nothing, and the
 //!   retry on another instance creates the one resource; killed after its commit but before
-//!   its answer, the retry replays the committed response (same id), still one resource.
+//!   its answer, the retry replays the committed response (same id), still one resource;
+//!   paused with `SIGSTOP` past its lease, the retry on another instance creates the resource,
+//!   and the paused instance, resumed, is fenced: its commit finds the lease lost and rolls back.
 //!
 //! `cargo test` builds the package's examples before the tests, so the `seed_api` binary is at
 //! `<target dir>/<profile>/examples/seed_api`; a test run that built only its own target
@@ -672,5 +674,86 @@ async fn postgres_a_create_killed_after_its_commit_is_replayed_with_the_same_id(
         "{test}: A killed between its commit and its answer; B replays the committed agent \
          ({}), one agent in all",
         committed["id"]
+    );
+}
+
+/// `SIGSTOP` (a paused VM, a stop-the-world pause) for longer than the lease, mid-handler, on
+/// PostgreSQL: the retry on another instance takes the key over and creates the agent; when
+/// the paused instance resumes, its handler finishes and tries to commit with the token that
+/// lost the lease: the fencing `UPDATE` finds no row, its transaction rolls back, its client
+/// gets 409, and there is one agent in all.
+#[cfg(all(feature = "postgres", unix))]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_create_paused_past_its_lease_is_fenced_when_it_resumes() {
+    let test = "postgres_a_create_paused_past_its_lease_is_fenced_when_it_resumes";
+    let Some(url) = common::service_url("DATABASE_URL", test) else {
+        return;
+    };
+    let flags = postgres_flags(&url, &["--handler-delay-ms", "1500", "--lease-secs", "2"]);
+    let a = SeedApi::start("A", &flags).await;
+    let b = SeedApi::start("B", &flags).await;
+    let signal = |name: &str, pid: u32| {
+        let sent = Command::new("kill")
+            .args([name, &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(sent.success(), "kill {name} {pid} failed");
+    };
+    let client = reqwest::Client::new();
+    let org = format!("sk_test_{}", unique());
+    let key = uuid::Uuid::new_v4().to_string();
+    let body = json!({ "name": "Support agent", "voice": "alloy" });
+
+    let first = tokio::spawn({
+        let client = client.clone();
+        let (org, key, body) = (org.clone(), key.clone(), body.clone());
+        let url = a.url("/agents");
+        async move {
+            client
+                .post(url)
+                .bearer_auth(org)
+                .header("x-idempotency-key", key)
+                .json(&body)
+                .send()
+                .await
+        }
+    });
+    a.until_handler_calls(&client, &org, 1).await;
+    signal("-STOP", a.pid());
+    let stopped_at = Instant::now();
+
+    // The retry on B: 409 while A's lease lasts, then B runs it.
+    let created = loop {
+        let answer = create(&client, &b, &org, "agents", &key, &body)
+            .await
+            .expect("B answers");
+        if answer.status == StatusCode::CREATED {
+            break answer;
+        }
+        assert_eq!(answer.status, StatusCode::CONFLICT, "{answer:?}");
+        assert!(stopped_at.elapsed() < PATIENCE, "A's lease never expired");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(!created.replayed, "{created:?}");
+
+    // A resumes: its handler finishes with a lost lease.
+    signal("-CONT", a.pid());
+    let resumed = tokio::time::timeout(PATIENCE, first)
+        .await
+        .expect("A answers after it resumes")
+        .unwrap()
+        .expect("A answers");
+    let status = resumed.status();
+    assert_eq!(status, StatusCode::CONFLICT, "the fenced owner's answer");
+    let agents = b.list(&client, &org, "agents").await;
+    assert_eq!(agents.len(), 1, "one agent in all: {agents:?}");
+    assert_eq!(agents[0]["id"], created.body["data"]["id"]);
+    let replay = create(&client, &a, &org, "agents", &key, &body)
+        .await
+        .expect("A answers");
+    assert!(replay.replayed && replay.body == created.body, "{replay:?}");
+    eprintln!(
+        "{test}: A paused past its lease; B created the agent; A resumed, was fenced (409), \
+         one agent in all"
     );
 }
