@@ -549,7 +549,8 @@ async fn a_hanging_store_does_not_stall_the_running_handler() {
 /// the completion deadline, every keyed request panicked.
 #[tokio::test]
 async fn durations_meant_as_for_ever_do_not_panic_or_run_twice() {
-    let settings: [(&str, fn(IdempotencyLayer) -> IdempotencyLayer); 4] = [
+    type Setting = (&'static str, fn(IdempotencyLayer) -> IdempotencyLayer);
+    let settings: [Setting; 4] = [
         ("ttl", |layer| layer.ttl(Duration::MAX)),
         ("lease", |layer| layer.lease(Duration::MAX)),
         ("completion_deadline", |layer| {
