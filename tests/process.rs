@@ -13,6 +13,8 @@
 //!   its answer, the retry replays the committed response (same id), still one resource;
 //!   paused with `SIGSTOP` past its lease, the retry on another instance creates the resource,
 //!   and the paused instance, resumed, is fenced: its commit finds the lease lost and rolls back.
+//! - On Redis Cluster (`--store redis-cluster`): concurrent duplicates sent to two instances
+//!   run once, and every client gets the one id.
 //!
 //! `cargo test` builds the package's examples before the tests, so the `seed_api` binary is at
 //! `<target dir>/<profile>/examples/seed_api`; a test run that built only its own target
@@ -756,4 +758,83 @@ async fn postgres_a_create_paused_past_its_lease_is_fenced_when_it_resumes() {
         "{test}: A paused past its lease; B created the agent; A resumed, was fenced (409), \
          one agent in all"
     );
+}
+
+/// Two instances on one Redis Cluster (`--store redis-cluster`), every create sent at once to
+/// both by three clients each: one run per create in all, and every client gets the one
+/// response (the same id), at once or after 409s.
+#[cfg(feature = "redis-cluster")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_concurrent_duplicates_on_two_instances_run_once() {
+    let test = "redis_cluster_concurrent_duplicates_on_two_instances_run_once";
+    let Some(url) = common::service_url("REDIS_CLUSTER_URL", test) else {
+        return;
+    };
+    let flags = [
+        "--store",
+        "redis-cluster",
+        "--redis-url",
+        url.as_str(),
+        "--handler-delay-ms",
+        "200",
+    ];
+    let apis = [
+        SeedApi::start("A", &flags).await,
+        SeedApi::start("B", &flags).await,
+    ];
+    let client = reqwest::Client::new();
+    let org = format!("sk_test_{}", unique());
+    const CREATES: usize = 40;
+    let mut tasks = tokio::task::JoinSet::new();
+    for create_no in 0..CREATES {
+        let key = uuid::Uuid::new_v4().to_string();
+        let body = json!({ "name": format!("agent {create_no}") });
+        for client_no in 0..6 {
+            let (client, org, key, body) = (client.clone(), org.clone(), key.clone(), body.clone());
+            let url = apis[client_no % 2].url("/agents");
+            tasks.spawn(async move {
+                let deadline = Instant::now() + PATIENCE;
+                loop {
+                    let response = client
+                        .post(&url)
+                        .bearer_auth(&org)
+                        .header("x-idempotency-key", &key)
+                        .json(&body)
+                        .send()
+                        .await
+                        .expect("the instance answers");
+                    let status = response.status();
+                    let answer: Value = response.json().await.unwrap();
+                    if status == StatusCode::CREATED {
+                        return (create_no, answer["data"]["id"].as_str().unwrap().to_owned());
+                    }
+                    assert_eq!(status, StatusCode::CONFLICT, "{answer}");
+                    assert!(
+                        Instant::now() < deadline,
+                        "create {create_no} never answered"
+                    );
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            });
+        }
+    }
+    let mut ids = std::collections::HashMap::<usize, std::collections::HashSet<String>>::new();
+    while let Some(done) = tasks.join_next().await {
+        let (create_no, id) = done.unwrap();
+        ids.entry(create_no).or_default().insert(id);
+    }
+    let split: Vec<_> = ids.iter().filter(|(_, ids)| ids.len() != 1).collect();
+    assert!(
+        split.is_empty(),
+        "creates answered with more than one id: {split:?}"
+    );
+    let mut runs = 0;
+    for api in &apis {
+        runs += api.handler_calls(&client, &org).await;
+    }
+    assert_eq!(
+        runs, CREATES as u64,
+        "one run per create across both instances"
+    );
+    eprintln!("{test}: {CREATES} creates x 6 clients on 2 instances: {runs} runs, one id each");
 }
