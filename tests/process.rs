@@ -21,8 +21,9 @@
 //! (`cargo test --test process`) needs `cargo build --all-features --example seed_api` first.
 //! The binary must be built with the features the tests use (as `--all-features` does).
 //!
-//! Needs `REDIS_URL` and `DATABASE_URL`; unset, a test prints that it is skipped and passes, except under
-//! `CI=true`, where it fails. Every process a test starts is killed when the test ends, also
+//! Needs `REDIS_URL`, `REDIS_CLUSTER_URL` and `DATABASE_URL`; unset, a test prints that it is
+//! skipped and passes, except under `CI=true`, where it fails. Every process a test starts is
+//! killed when the test ends, also
 //! when it fails.
 #![cfg(any(feature = "redis", feature = "postgres"))]
 
