@@ -582,3 +582,41 @@ async fn durations_meant_as_for_ever_do_not_panic_or_run_twice() {
         assert_eq!(calls.get(), 1, "{setting}: one run");
     }
 }
+
+/// A `begin` that took the lease in the store but whose answer was lost (a connection reset
+/// after the statement ran): the request gets 503, and the lease it took is held by nobody.
+/// Every retry then gets 409 until that lease expires (60 s by default), although nothing runs.
+/// Redis undoes a `begin` whose answer came too late, on the same connection, but not one
+/// whose connection broke; PostgreSQL and MySQL undo neither.
+#[tokio::test]
+#[ignore = "a begin whose reply is lost leaves a lease nobody holds, so retries get 409 until \
+            it expires; releasing it needs the token, which the store draws (a trait change)"]
+async fn a_begin_whose_reply_was_lost_does_not_block_the_key_for_a_lease() {
+    use tower_idempotency::testing::{Fault as StoreFault, FaultyStore, StoreOp};
+
+    let store = FaultyStore::new(MemoryStore::new());
+    let calls = Calls::default();
+    let counted = calls.clone();
+    let app = Router::new()
+        .route(
+            "/calls",
+            post(move |body: Bytes| {
+                let calls = counted.clone();
+                async move { created(calls.hit(), &body) }
+            }),
+        )
+        .layer(
+            IdempotencyLayer::new()
+                .store(store.clone())
+                .lease(Duration::from_secs(5)),
+        );
+    store.set(StoreOp::Begin, StoreFault::LoseReply);
+    let lost = send(&app, request("/calls", Some("k"), "{}")).await;
+    lost.assert_problem(StatusCode::SERVICE_UNAVAILABLE, "store-unavailable");
+    store.clear();
+    // The client retries after its Retry-After: 1.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let retry = send(&app, request("/calls", Some("k"), "{}")).await;
+    assert_eq!(retry.status, StatusCode::CREATED, "{retry:?}");
+    assert_eq!(calls.get(), 1);
+}
