@@ -19,6 +19,11 @@ pub const DEFAULT_HEADER: HeaderName = HeaderName::from_static("x-idempotency-ke
 /// The IETF draft's key header, `Idempotency-Key`, also read by default.
 pub const IETF_HEADER: HeaderName = HeaderName::from_static("idempotency-key");
 
+/// The longest duration the layer keeps (a lease, TTL, timeout or deadline): 100 years.
+/// Longer ones, such as `Duration::MAX` meant as "for ever", are cut to it, so that adding them
+/// to a clock never overflows.
+pub(crate) const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
+
 /// What a key that comes again with a *different* request (another body or query) means.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum KeyReuse {

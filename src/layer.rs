@@ -14,8 +14,8 @@ pub const DEFAULT_COMPLETION_DEADLINE: Duration = Duration::from_secs(5 * 60);
 
 use crate::{
     config::{
-        Config, DEFAULT_HEADER, IETF_HEADER, InFlight, KeyReuse, MissingScope, Routes,
-        StoreFailure, default_status_policy,
+        Config, DEFAULT_HEADER, IETF_HEADER, InFlight, KeyReuse, MAX_DURATION, MissingScope,
+        Routes, StoreFailure, default_status_policy,
     },
     drain::Drain,
     scope::{AuthorizationScope, ScopeExtractor},
@@ -190,15 +190,19 @@ impl IdempotencyLayer {
     /// How long an in-flight claim lasts without renewal. Default: 60 s. The owner renews it
     /// every third of this while its handler runs, so it runs out only when the owner is gone
     /// (process killed); then the next request with the key takes it over and runs.
+    ///
+    /// Longer than 100 years (`Duration::MAX`, say) counts as 100 years.
     pub fn lease(self, lease: Duration) -> Self {
-        self.with(|c| c.lease = lease.max(Duration::from_millis(1)))
+        self.with(|c| c.lease = lease.clamp(Duration::from_millis(1), MAX_DURATION))
     }
 
     /// How long a completed response is replayed, measured from completion. Default: 24 h
     /// (IETF draft section 2.5 leaves it to the resource; Stripe keeps keys 24 h). A replay does
     /// not extend it. Expired records are never replayed.
+    ///
+    /// Longer than 100 years (`Duration::MAX`, say) counts as 100 years.
     pub fn ttl(self, ttl: Duration) -> Self {
-        self.with(|c| c.ttl = ttl)
+        self.with(|c| c.ttl = ttl.min(MAX_DURATION))
     }
 
     /// The largest request body buffered, in bytes. Default: 2 MiB (2,097,152). A larger body
@@ -217,8 +221,10 @@ impl IdempotencyLayer {
 
     /// The longest any one store call may take. Default: 2 s. Past it the call counts as a
     /// store failure (see [`on_store_error`](Self::on_store_error)).
+    ///
+    /// Longer than 100 years (`Duration::MAX`, say) counts as 100 years.
     pub fn store_timeout(self, timeout: Duration) -> Self {
-        self.with(|c| c.store_timeout = timeout)
+        self.with(|c| c.store_timeout = timeout.min(MAX_DURATION))
     }
 
     /// What a store failure means for the request. Default: [`StoreFailure::FailClosed`] (503).
@@ -256,8 +262,10 @@ impl IdempotencyLayer {
     /// request took it over), or at this deadline; the lease then expires, and a retry after
     /// that runs the request again. The client gets its response at once, whatever the store
     /// does. See the crate docs, "What runs once means", for the guarantee this gives.
+    ///
+    /// Longer than 100 years (`Duration::MAX`, say) counts as 100 years.
     pub fn completion_deadline(self, deadline: Duration) -> Self {
-        self.with(|c| c.completion_deadline = deadline)
+        self.with(|c| c.completion_deadline = deadline.min(MAX_DURATION))
     }
 
     /// A handle that waits for the work this layer detaches from requests (handlers whose

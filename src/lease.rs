@@ -94,38 +94,46 @@ impl Drop for LeaseGuard {
 
 /// Drives `work` while keeping the guard's lease alive: renewed every third of the lease, and
 /// a renewal that failed is tried again after [`retry_pause`] rather than a whole third later.
+///
+/// Renewals run beside `work`, not in turn with it: a renewal that waits for a slow or hanging
+/// store (up to the store timeout) never holds the handler up.
 pub(crate) async fn renewing<T>(
     config: &Config,
     guard: &LeaseGuard,
     work: impl Future<Output = T>,
 ) -> T {
-    let every = config.lease / 3;
-    let mut next = Instant::now() + every;
-    let mut failures = 0;
-    let mut work = std::pin::pin!(work);
-    loop {
-        tokio::select! {
-            biased;
-            done = &mut work => return done,
-            () = tokio::time::sleep_until(next) => {
-                let renewed = store_call(config, config.store.renew(&guard.key, guard.token(), config.lease)).await;
-                match renewed {
-                    Ok(true) => {
-                        failures = 0;
-                        next = Instant::now() + every;
-                    }
-                    Ok(false) => {
-                        tracing::warn!(target: "tower_idempotency", "idempotency lease was lost while the handler ran");
-                        next = Instant::now() + every;
-                    }
-                    Err(error) => {
-                        tracing::warn!(target: "tower_idempotency", cause = %store::diagnose(&error), "could not renew an idempotency lease; trying again");
-                        next = Instant::now() + retry_pause(config.lease, failures);
-                        failures += 1;
-                    }
+    let renewals = async {
+        let every = config.lease / 3;
+        let mut next = Instant::now() + every;
+        let mut failures = 0;
+        loop {
+            tokio::time::sleep_until(next).await;
+            let renewed = store_call(
+                config,
+                config.store.renew(&guard.key, guard.token(), config.lease),
+            )
+            .await;
+            match renewed {
+                Ok(true) => {
+                    failures = 0;
+                    next = Instant::now() + every;
+                }
+                Ok(false) => {
+                    tracing::warn!(target: "tower_idempotency", "idempotency lease was lost while the handler ran");
+                    next = Instant::now() + every;
+                }
+                Err(error) => {
+                    tracing::warn!(target: "tower_idempotency", cause = %store::diagnose(&error), "could not renew an idempotency lease; trying again");
+                    next = Instant::now() + retry_pause(config.lease, failures);
+                    failures += 1;
                 }
             }
         }
+    };
+    tokio::select! {
+        biased;
+        done = work => done,
+        _ = renewals => unreachable!("renewals run until the work is done"),
     }
 }
 

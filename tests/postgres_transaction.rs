@@ -240,3 +240,49 @@ fn lease_lost_answers_409_in_flight() {
     assert_eq!(response.status(), StatusCode::CONFLICT);
     assert_eq!(response.headers()["retry-after"], "1");
 }
+
+/// A handler holding its transaction open after `complete_in` (the record's row is locked until
+/// it commits) while a lease renewal comes due: the renewal's `UPDATE` waits for that row lock,
+/// and the handler was not polled while a renewal waited, so it could not commit: the two
+/// waited on each other until the store timeout ended the renewal (2 s here on every such
+/// request). Renewals now run beside the handler, which commits, and the renewal then finds
+/// the record completed.
+#[tokio::test]
+async fn a_renewal_does_not_wait_on_the_handler_that_holds_the_record_lock() {
+    let Some(db) = Db::new().await else { return };
+    let store = db.store.clone();
+    let app = Router::new()
+        .route(
+            "/payments",
+            post(move |lease: Lease| {
+                let store = store.clone();
+                async move {
+                    let mut tx = store.pool().begin().await.unwrap();
+                    let stored = lease.capture((StatusCode::CREATED, "paid")).await.unwrap();
+                    assert!(store.complete_in(&mut tx, &lease, &stored).await.unwrap());
+                    // A renewal comes due (every 100 ms) while the row is locked.
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    tx.commit().await.unwrap();
+                    lease.committed(&stored)
+                }
+            }),
+        )
+        .layer(
+            IdempotencyLayer::new()
+                .post("/payments")
+                .store(db.store.clone())
+                .lease(Duration::from_millis(300))
+                .store_timeout(Duration::from_secs(2)),
+        );
+    let started = std::time::Instant::now();
+    let first = send(&app, request("/payments", Some("pay-3"), "{}")).await;
+    let took = started.elapsed();
+    assert_eq!(first.status, StatusCode::CREATED, "{first:?}");
+    assert!(
+        took < Duration::from_millis(1500),
+        "the request took {took:?}: the handler waited for a renewal that waited for it"
+    );
+    let retry = send(&app, request("/payments", Some("pay-3"), "{}")).await;
+    assert!(retry.replayed(), "{retry:?}");
+    db.drop_tables().await;
+}

@@ -10,15 +10,20 @@
 //! - On PostgreSQL (`--store postgres`, resources in the database, each create committed with
 //!   its idempotency record): an instance killed before its commit leaves nothing, and the
 //!   retry on another instance creates the one resource; killed after its commit but before
-//!   its answer, the retry replays the committed response (same id), still one resource.
+//!   its answer, the retry replays the committed response (same id), still one resource;
+//!   paused with `SIGSTOP` past its lease, the retry on another instance creates the resource,
+//!   and the paused instance, resumed, is fenced: its commit finds the lease lost and rolls back.
+//! - On Redis Cluster (`--store redis-cluster`): concurrent duplicates sent to two instances
+//!   run once, and every client gets the one id.
 //!
 //! `cargo test` builds the package's examples before the tests, so the `seed_api` binary is at
 //! `<target dir>/<profile>/examples/seed_api`; a test run that built only its own target
 //! (`cargo test --test process`) needs `cargo build --all-features --example seed_api` first.
 //! The binary must be built with the features the tests use (as `--all-features` does).
 //!
-//! Needs `REDIS_URL` and `DATABASE_URL`; unset, a test prints that it is skipped and passes, except under
-//! `CI=true`, where it fails. Every process a test starts is killed when the test ends, also
+//! Needs `REDIS_URL`, `REDIS_CLUSTER_URL` and `DATABASE_URL`; unset, a test prints that it is
+//! skipped and passes, except under `CI=true`, where it fails. Every process a test starts is
+//! killed when the test ends, also
 //! when it fails.
 #![cfg(any(feature = "redis", feature = "postgres"))]
 
@@ -673,4 +678,164 @@ async fn postgres_a_create_killed_after_its_commit_is_replayed_with_the_same_id(
          ({}), one agent in all",
         committed["id"]
     );
+}
+
+/// `SIGSTOP` (a paused VM, a stop-the-world pause) for longer than the lease, mid-handler, on
+/// PostgreSQL: the retry on another instance takes the key over and creates the agent; when
+/// the paused instance resumes, its handler finishes and tries to commit with the token that
+/// lost the lease: the fencing `UPDATE` finds no row, its transaction rolls back, its client
+/// gets 409, and there is one agent in all.
+#[cfg(all(feature = "postgres", unix))]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_create_paused_past_its_lease_is_fenced_when_it_resumes() {
+    let test = "postgres_a_create_paused_past_its_lease_is_fenced_when_it_resumes";
+    let Some(url) = common::service_url("DATABASE_URL", test) else {
+        return;
+    };
+    let flags = postgres_flags(&url, &["--handler-delay-ms", "1500", "--lease-secs", "2"]);
+    let a = SeedApi::start("A", &flags).await;
+    let b = SeedApi::start("B", &flags).await;
+    let signal = |name: &str, pid: u32| {
+        let sent = Command::new("kill")
+            .args([name, &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(sent.success(), "kill {name} {pid} failed");
+    };
+    let client = reqwest::Client::new();
+    let org = format!("sk_test_{}", unique());
+    let key = uuid::Uuid::new_v4().to_string();
+    let body = json!({ "name": "Support agent", "voice": "alloy" });
+
+    let first = tokio::spawn({
+        let client = client.clone();
+        let (org, key, body) = (org.clone(), key.clone(), body.clone());
+        let url = a.url("/agents");
+        async move {
+            client
+                .post(url)
+                .bearer_auth(org)
+                .header("x-idempotency-key", key)
+                .json(&body)
+                .send()
+                .await
+        }
+    });
+    a.until_handler_calls(&client, &org, 1).await;
+    signal("-STOP", a.pid());
+    let stopped_at = Instant::now();
+
+    // The retry on B: 409 while A's lease lasts, then B runs it.
+    let created = loop {
+        let answer = create(&client, &b, &org, "agents", &key, &body)
+            .await
+            .expect("B answers");
+        if answer.status == StatusCode::CREATED {
+            break answer;
+        }
+        assert_eq!(answer.status, StatusCode::CONFLICT, "{answer:?}");
+        assert!(stopped_at.elapsed() < PATIENCE, "A's lease never expired");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(!created.replayed, "{created:?}");
+
+    // A resumes: its handler finishes with a lost lease.
+    signal("-CONT", a.pid());
+    let resumed = tokio::time::timeout(PATIENCE, first)
+        .await
+        .expect("A answers after it resumes")
+        .unwrap()
+        .expect("A answers");
+    let status = resumed.status();
+    assert_eq!(status, StatusCode::CONFLICT, "the fenced owner's answer");
+    let agents = b.list(&client, &org, "agents").await;
+    assert_eq!(agents.len(), 1, "one agent in all: {agents:?}");
+    assert_eq!(agents[0]["id"], created.body["data"]["id"]);
+    let replay = create(&client, &a, &org, "agents", &key, &body)
+        .await
+        .expect("A answers");
+    assert!(replay.replayed && replay.body == created.body, "{replay:?}");
+    eprintln!(
+        "{test}: A paused past its lease; B created the agent; A resumed, was fenced (409), \
+         one agent in all"
+    );
+}
+
+/// Two instances on one Redis Cluster (`--store redis-cluster`), every create sent at once to
+/// both by three clients each: one run per create in all, and every client gets the one
+/// response (the same id), at once or after 409s.
+#[cfg(feature = "redis-cluster")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_concurrent_duplicates_on_two_instances_run_once() {
+    let test = "redis_cluster_concurrent_duplicates_on_two_instances_run_once";
+    let Some(url) = common::service_url("REDIS_CLUSTER_URL", test) else {
+        return;
+    };
+    let flags = [
+        "--store",
+        "redis-cluster",
+        "--redis-url",
+        url.as_str(),
+        "--handler-delay-ms",
+        "200",
+    ];
+    let apis = [
+        SeedApi::start("A", &flags).await,
+        SeedApi::start("B", &flags).await,
+    ];
+    let client = reqwest::Client::new();
+    let org = format!("sk_test_{}", unique());
+    const CREATES: usize = 40;
+    let mut tasks = tokio::task::JoinSet::new();
+    for create_no in 0..CREATES {
+        let key = uuid::Uuid::new_v4().to_string();
+        let body = json!({ "name": format!("agent {create_no}") });
+        for client_no in 0..6 {
+            let (client, org, key, body) = (client.clone(), org.clone(), key.clone(), body.clone());
+            let url = apis[client_no % 2].url("/agents");
+            tasks.spawn(async move {
+                let deadline = Instant::now() + PATIENCE;
+                loop {
+                    let response = client
+                        .post(&url)
+                        .bearer_auth(&org)
+                        .header("x-idempotency-key", &key)
+                        .json(&body)
+                        .send()
+                        .await
+                        .expect("the instance answers");
+                    let status = response.status();
+                    let answer: Value = response.json().await.unwrap();
+                    if status == StatusCode::CREATED {
+                        return (create_no, answer["data"]["id"].as_str().unwrap().to_owned());
+                    }
+                    assert_eq!(status, StatusCode::CONFLICT, "{answer}");
+                    assert!(
+                        Instant::now() < deadline,
+                        "create {create_no} never answered"
+                    );
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            });
+        }
+    }
+    let mut ids = std::collections::HashMap::<usize, std::collections::HashSet<String>>::new();
+    while let Some(done) = tasks.join_next().await {
+        let (create_no, id) = done.unwrap();
+        ids.entry(create_no).or_default().insert(id);
+    }
+    let split: Vec<_> = ids.iter().filter(|(_, ids)| ids.len() != 1).collect();
+    assert!(
+        split.is_empty(),
+        "creates answered with more than one id: {split:?}"
+    );
+    let mut runs = 0;
+    for api in &apis {
+        runs += api.handler_calls(&client, &org).await;
+    }
+    assert_eq!(
+        runs, CREATES as u64,
+        "one run per create across both instances"
+    );
+    eprintln!("{test}: {CREATES} creates x 6 clients on 2 instances: {runs} runs, one id each");
 }

@@ -451,3 +451,46 @@ async fn a_body_over_the_limit_gets_413() {
     assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(api.handler_calls("org_a").await, 0);
 }
+
+/// A create whose answer is larger than the layer's response cap (4 MiB) was sent but not
+/// stored, and its lease released: the retry with the same key created everything again. The
+/// request bodies are well under the 2 MiB request limit; the answer is larger than what was
+/// sent (every call gets an id, an object and a timestamp; `1e9` comes back as
+/// `1000000000.0`). Now nothing is created when the answer cannot be stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_whose_answer_is_too_large_to_store_runs_once() {
+    let api = Api::start(&[]).await;
+    let batch = format!("{{\"calls\":[{}]}}", vec!["{}"; 60_000].join(","));
+    let agent = format!("{{\"numbers\":[{}]}}", vec!["1e9"; 400_000].join(","));
+    for (path, collection, body, once) in [
+        ("/batch-calls", "/calls", batch, 60_000),
+        ("/agents", "/agents", agent, 1),
+    ] {
+        assert!(
+            body.len() < 2 * 1024 * 1024,
+            "{path}: under the request limit"
+        );
+        let org = format!("org{path}");
+        let mut statuses = Vec::new();
+        for _ in 0..2 {
+            let response = api
+                .post(&org, path, Some("big-answer"))
+                .header("content-type", "application/json")
+                .body(body.clone())
+                .send()
+                .await
+                .unwrap();
+            statuses.push(response.status());
+            let _ = response.bytes().await.unwrap();
+        }
+        let created = api.get(&org, collection).await["data"]
+            .as_array()
+            .unwrap()
+            .len();
+        assert!(
+            created <= once,
+            "{path}: one create with one key made {created} resources (want at most {once}); \
+             answers {statuses:?}"
+        );
+    }
+}

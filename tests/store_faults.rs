@@ -1,10 +1,11 @@
-//! Three instances of an API share one store (Redis or PostgreSQL) through a TCP fault proxy,
-//! while clients retry every create until they get a 2xx; the network to the store fails under
-//! them. The handler must run exactly once per create, and every client of a create must get
-//! the one response.
+//! Three instances of an API share one store (Redis, PostgreSQL or MySQL/MariaDB) through a
+//! TCP fault proxy, while clients retry every create until they get a 2xx; the network to the
+//! store fails under them. The handler must run exactly once per create, and every client of a
+//! create must get the one response.
 //!
 //! - Each instance is an axum app on a listener of its own, with its own layer and its own
-//!   store connection (`RedisStore::open`, `PostgresStore::connect`) to the proxy. Lease 10 s.
+//!   store connection (`RedisStore::open`, `PostgresStore::connect`, `MySqlStore::connect`) to
+//!   the proxy. Lease 10 s.
 //! - 150 logical creates, started over the first seconds of the run, each sent by two clients
 //!   with the same key and body. A client gives up on an attempt after 1 s and tries the next
 //!   instance, and goes on until it gets a 2xx.
@@ -13,14 +14,14 @@
 //! - Faults, one test each, all shorter than the lease, so the count of double runs must be
 //!   zero: a 6 s partition of the store (bytes stop both ways and flow again after, nothing
 //!   lost); a 6 s crash of the store (every connection closed, new ones refused, then back with
-//!   its data); on PostgreSQL also latency spikes (every chunk delayed 1.5 s each way for 2 s,
-//!   then 3 s each way for 4 s).
+//!   its data); on PostgreSQL and MySQL also latency spikes (every chunk delayed 1.5 s each way
+//!   for 2 s, then 3 s each way for 4 s).
 //! - The tests of the proxy itself, against an echo server, are at the end.
 //!
-//! Needs `REDIS_URL` / `DATABASE_URL`; unset, a test prints that it is skipped and passes,
-//! except under `CI=true`, where it fails. Records go under a Redis key prefix, or into a
-//! PostgreSQL table, of the run's own (the table is dropped afterwards).
-#![cfg(any(feature = "redis", feature = "postgres"))]
+//! Needs `REDIS_URL` / `DATABASE_URL` / `MYSQL_URL`; unset, a test prints that it is skipped and
+//! passes, except under `CI=true`, where it fails. Records go under a Redis key prefix, or into
+//! a PostgreSQL or MySQL table, of the run's own (the table is dropped afterwards).
+#![cfg(any(feature = "redis", feature = "postgres", feature = "mysql"))]
 
 mod common;
 mod support;
@@ -538,6 +539,77 @@ async fn on_postgres(test: &str, plan: &Plan) {
     if let Err(panic) = outcome {
         std::panic::resume_unwind(panic);
     }
+}
+
+/// Runs `plan` on three `MySqlStore`s, each with its own pool through a fault proxy to
+/// `MYSQL_URL`, on a table of the run's own (dropped afterwards, also on failure).
+#[cfg(feature = "mysql")]
+async fn on_mysql(test: &str, plan: &Plan) {
+    use std::panic::AssertUnwindSafe;
+
+    use futures_util::FutureExt;
+    use sqlx::AssertSqlSafe;
+    use tower_idempotency::store::MySqlStore;
+
+    let Some(url) = common::service_url("MYSQL_URL", test) else {
+        return;
+    };
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let proxy = FaultProxy::start(upstream(&url, 3306).await).await;
+    let (_, proxied) = through_proxy(&url, proxy.addr(), 3306);
+    let table = format!("idem_faults_{}", unique());
+    let mut stores = Vec::new();
+    for _ in 0..INSTANCES {
+        let store = MySqlStore::connect(&proxied)
+            .await
+            .unwrap_or_else(|e| panic!("MySQL at {url} (through the proxy): {e}"))
+            .with_table_name(&table)
+            .expect("a valid table name");
+        store.migrate().await.expect("migrate");
+        stores.push(store);
+    }
+    let shared = stores
+        .into_iter()
+        .map(|store| Arc::new(store) as Arc<dyn IdempotencyStore>)
+        .collect();
+    let outcome = AssertUnwindSafe(run(test, &proxy, shared, plan))
+        .catch_unwind()
+        .await;
+    // On a connection of its own, not through the proxy.
+    let admin = sqlx::MySqlPool::connect(&url).await.expect("connect");
+    sqlx::query(AssertSqlSafe(format!("DROP TABLE IF EXISTS `{table}`")))
+        .execute(&admin)
+        .await
+        .expect("drop the test table");
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+#[cfg(feature = "mysql")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mysql_partition_shorter_than_the_lease_runs_every_create_once() {
+    on_mysql(
+        "mysql_partition_shorter_than_the_lease_runs_every_create_once",
+        &PARTITION,
+    )
+    .await;
+}
+
+#[cfg(feature = "mysql")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mysql_crash_shorter_than_the_lease_runs_every_create_once() {
+    on_mysql(
+        "mysql_crash_shorter_than_the_lease_runs_every_create_once",
+        &CRASH,
+    )
+    .await;
+}
+
+#[cfg(feature = "mysql")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mysql_latency_spikes_run_every_create_once() {
+    on_mysql("mysql_latency_spikes_run_every_create_once", &LATENCY).await;
 }
 
 #[cfg(feature = "redis")]

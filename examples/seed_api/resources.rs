@@ -6,11 +6,20 @@ use std::{
     sync::{Arc, Mutex, PoisonError},
 };
 
-use axum::response::Response;
+use axum::{body::Body, http::StatusCode, response::Response};
 use serde_json::Value;
-use tower_idempotency::Lease;
+use tower_idempotency::{CaptureError, Lease};
 
-use super::api::OrgId;
+use super::api::{OrgId, error};
+
+/// 500 for an answer the idempotency layer could not store: nothing was created.
+fn unstorable(why: &CaptureError) -> Response {
+    error(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "response_unstorable",
+        format!("the answer cannot be stored for retries ({why}); nothing was created"),
+    )
+}
 
 /// Resources in memory, by organization and collection, in creation order.
 type InMemory = Arc<Mutex<HashMap<(OrgId, &'static str), Vec<Value>>>>;
@@ -48,10 +57,25 @@ impl Resources {
     ) -> Result<Response, Unavailable> {
         match self {
             Resources::Memory(orgs) => {
+                // The layer stores the answer after the handler; one it cannot store (over its
+                // response cap) would leave the key free, and the retry would create it all
+                // again. So the answer is taken as the layer will store it first, and nothing
+                // is created when it cannot be, as on PostgreSQL.
+                let response = match lease {
+                    Some(lease) => match lease.capture(response).await {
+                        Ok(stored) => {
+                            let mut response = Response::new(Body::from(stored.body));
+                            *response.status_mut() = stored.status;
+                            *response.headers_mut() = stored.headers;
+                            response
+                        }
+                        Err(why) => return Ok(unstorable(&why)),
+                    },
+                    None => response,
+                };
                 let mut orgs = orgs.lock().unwrap_or_else(PoisonError::into_inner);
                 let list = orgs.entry((org.clone(), collection)).or_default();
                 list.extend(items.iter().cloned());
-                let _ = lease;
                 Ok(response)
             }
             #[cfg(feature = "postgres")]

@@ -19,6 +19,7 @@ use super::{
     Begin, Fingerprint, IdempotencyStore, LeaseToken, StoreError, StoreErrorKind, StoreKey,
     StoredResponse,
 };
+use crate::config::MAX_DURATION;
 
 /// The default record bound: about 0.9 GB of records with 100-byte bodies.
 pub const DEFAULT_MAX_RECORDS: usize = 1_000_000;
@@ -439,7 +440,7 @@ impl Inner {
         if let Some(found) = self.map.get(key).and_then(|record| record.live(now)) {
             return Ok(found);
         }
-        let expires_at = now + lease;
+        let expires_at = now + lease.min(MAX_DURATION);
         let token = LeaseToken::random();
         let fresh = State::InFlight {
             token,
@@ -556,7 +557,7 @@ impl IdempotencyStore for MemoryStore {
         Ok(self.inner.with_owned_lease(key, token, || {
             Some(State::InFlight {
                 token,
-                expires_at: Instant::now() + lease,
+                expires_at: Instant::now() + lease.min(MAX_DURATION),
                 notify: None,
             })
         }))
@@ -573,7 +574,7 @@ impl IdempotencyStore for MemoryStore {
             Some(State::Completed {
                 weight: response.weight(),
                 response: Box::new(response.clone()),
-                expires_at: Instant::now() + ttl,
+                expires_at: Instant::now() + ttl.min(MAX_DURATION),
             })
         }))
     }
