@@ -90,11 +90,6 @@ pub mod testing;
 mod transactional;
 
 pub use async_trait::async_trait;
-/// The `sqlx` this crate's SQL stores are built on (0.9), for handlers that complete their
-/// record in their own transaction: use it, so that pools and transactions are the same types.
-#[cfg(any(feature = "postgres", feature = "mysql"))]
-#[cfg_attr(docsrs, doc(cfg(any(feature = "postgres", feature = "mysql"))))]
-pub use sqlx;
 pub use config::{
     DEFAULT_HEADER, IETF_HEADER, InFlight, KeyReuse, MissingScope, StatusPolicy, StoreFailure,
     default_status_policy,
@@ -106,6 +101,11 @@ pub use layer::{DEFAULT_COMPLETION_DEADLINE, DEFAULT_MAX_RESPONSE_BODY, Idempote
 pub use response::{REPLAYED_HEADER, StoredResponse};
 pub use scope::{AuthorizationScope, ExtensionScope, Scope, ScopeDigest, ScopeExtractor, scope_fn};
 pub use service::{Idempotency, UNPROTECTED_HEADER};
+/// The `sqlx` this crate's SQL stores are built on (0.9), for handlers that complete their
+/// record in their own transaction: use it, so that pools and transactions are the same types.
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+#[cfg_attr(docsrs, doc(cfg(any(feature = "postgres", feature = "mysql"))))]
+pub use sqlx;
 pub use store::{IdempotencyStore, MemoryStore};
 #[cfg(any(feature = "postgres", feature = "mysql"))]
 pub use transactional::TransactionalError;

@@ -588,6 +588,7 @@ async fn durations_meant_as_for_ever_do_not_panic_or_run_twice() {
 /// Every retry then gets 409 until that lease expires (60 s by default), although nothing runs.
 /// Redis undoes a `begin` whose answer came too late, on the same connection, but not one
 /// whose connection broke; PostgreSQL and MySQL undo neither.
+#[cfg(feature = "testing")]
 #[tokio::test]
 #[ignore = "a begin whose reply is lost leaves a lease nobody holds, so retries get 409 until \
             it expires; releasing it needs the token, which the store draws (a trait change)"]

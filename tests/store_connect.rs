@@ -1,5 +1,6 @@
 //! A database that cannot be reached is reported at once, with the driver's cause, not after a
 //! pool timeout with the cause lost. Needs no running service: it connects to a closed port.
+#![cfg(any(feature = "postgres", feature = "mysql"))]
 
 use std::time::{Duration, Instant};
 

@@ -42,7 +42,7 @@ pub use self::redis::{RedisDurability, RedisStore};
 mod postgres;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
-pub use self::postgres::{PostgresStore, TableNameError};
+pub use self::postgres::PostgresStore;
 #[cfg(any(feature = "postgres", feature = "mysql"))]
 pub use crate::TransactionalError;
 
@@ -51,7 +51,12 @@ pub use crate::TransactionalError;
 mod mysql;
 #[cfg(feature = "mysql")]
 #[cfg_attr(docsrs, doc(cfg(feature = "mysql")))]
-pub use self::mysql::{MySqlStore, MySqlTableNameError};
+pub use self::mysql::MySqlStore;
+
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+mod table_name;
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+pub use table_name::TableNameError;
 
 /// A boxed error, the `source` of a [`StoreError`].
 pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;

@@ -10,10 +10,10 @@ mod locks;
 mod statements;
 mod transaction;
 
+use super::table_name::{TableNameError, validate_table_name};
 use calls::live_record;
 use locks::{error_number, is_lock_conflict, lock_backoff, log_lock_retry, with_lock_retries};
-pub use statements::MySqlTableNameError;
-use statements::{Statements, validate_table_name};
+use statements::Statements;
 
 use super::{
     Begin, Fingerprint, IdempotencyStore, LeaseToken, StoreError, StoreErrorKind, StoreKey,
@@ -22,10 +22,6 @@ use super::{
 
 /// The table name used unless [`MySqlStore::with_table_name`] says otherwise.
 const DEFAULT_TABLE: &str = "idempotency_records";
-
-/// The longest table name accepted, so that the derived index name fits the 64-character
-/// identifier limit of MySQL and MariaDB.
-const MAX_TABLE_NAME: usize = 48;
 
 /// Durations longer than this (100 years) are clamped to it, to stay within `DATETIME`.
 const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
@@ -282,8 +278,8 @@ impl MySqlStore {
     /// Keeps the records in the table `name` instead of `idempotency_records` (the index is
     /// named `<name>_expires_at_idx`). The table lives in the connection's database.
     ///
-    /// Errors unless `name` is a plain lowercase identifier (see [`MySqlTableNameError`]).
-    pub fn with_table_name(mut self, name: &str) -> Result<Self, MySqlTableNameError> {
+    /// Errors unless `name` is a plain lowercase identifier (see [`TableNameError`]).
+    pub fn with_table_name(mut self, name: &str) -> Result<Self, TableNameError> {
         validate_table_name(name)?;
         self.sql = Arc::new(Statements::new(name));
         Ok(self)

@@ -1,8 +1,6 @@
 //! The SQL of [`MySqlStore`](super::MySqlStore), built once per table name.
 
-use std::{fmt, sync::Arc};
-
-use super::MAX_TABLE_NAME;
+use std::sync::Arc;
 
 /// The SQL of every statement, built once for the table name.
 pub(super) struct Statements {
@@ -104,45 +102,6 @@ impl Statements {
     }
 }
 
-/// A table name that [`MySqlStore::with_table_name`](super::MySqlStore::with_table_name) refused.
-///
-/// A table name must be a plain lowercase identifier: 1 to 48 characters from `a`-`z`, `0`-`9`
-/// and `_`, not starting with a digit.
-#[cfg_attr(docsrs, doc(cfg(feature = "mysql")))]
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MySqlTableNameError {
-    name: String,
-}
-
-impl fmt::Display for MySqlTableNameError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "invalid table name {:?}: expected 1 to {MAX_TABLE_NAME} characters of a-z, 0-9 and _, \
-             not starting with a digit",
-            self.name
-        )
-    }
-}
-
-impl std::error::Error for MySqlTableNameError {}
-
-pub(super) fn validate_table_name(name: &str) -> Result<(), MySqlTableNameError> {
-    let valid = !name.is_empty()
-        && name.len() <= MAX_TABLE_NAME
-        && !name.starts_with(|c: char| c.is_ascii_digit())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
-    if valid {
-        Ok(())
-    } else {
-        Err(MySqlTableNameError {
-            name: name.to_owned(),
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::{
@@ -150,31 +109,6 @@ mod tests {
         *,
     };
     use std::time::Duration;
-
-    #[test]
-    fn table_names_are_plain_identifiers() {
-        for good in [
-            "idempotency_records",
-            "a",
-            "_x1",
-            &"a".repeat(MAX_TABLE_NAME),
-        ] {
-            assert!(validate_table_name(good).is_ok(), "{good:?}");
-        }
-        for bad in [
-            "",
-            "1abc",
-            "Upper",
-            "a-b",
-            "a.b",
-            "a b",
-            "x`; DROP TABLE y; --",
-            "é",
-            &"a".repeat(MAX_TABLE_NAME + 1),
-        ] {
-            assert!(validate_table_name(bad).is_err(), "{bad:?}");
-        }
-    }
 
     #[test]
     fn durations_are_microseconds_clamped() {

@@ -12,8 +12,8 @@ use tokio::task::JoinHandle;
 mod statements;
 mod transaction;
 
-pub use statements::TableNameError;
-use statements::{Statements, validate_table_name};
+use super::table_name::{TableNameError, validate_table_name};
+use statements::Statements;
 
 use super::{
     Begin, Fingerprint, IdempotencyStore, LeaseToken, StoreError, StoreErrorKind, StoreKey,
