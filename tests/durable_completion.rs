@@ -200,6 +200,7 @@ async fn drain_waits_for_a_detached_handler_and_its_completion() {
     .await;
     assert!(gone.is_err());
     assert_eq!(drain.pending(), 1);
+    assert_eq!(format!("{drain:?}"), "Drain { pending: 1 }");
     // The store fails for a while once the handler is done.
     store.set_faults(|f| f.complete = Fault::Fail);
     let heal = store.clone();
