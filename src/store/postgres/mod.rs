@@ -9,9 +9,11 @@ use sqlx::{
 };
 use tokio::task::JoinHandle;
 
+mod notify;
 mod statements;
 mod transaction;
 
+use notify::Listener;
 pub use statements::TableNameError;
 use statements::{Statements, validate_table_name};
 pub use transaction::TransactionalError;
@@ -141,6 +143,9 @@ pub struct PostgresStore {
     owners: PgPool,
     sql: Arc<Statements>,
     cleanup_batch: i64,
+    /// Whether `complete` and `release` notify, and waiters listen.
+    notify: bool,
+    listener: Arc<Listener>,
 }
 
 /// The owners' pool's size unless [`PostgresStore::owner_connections`] says otherwise.
@@ -182,12 +187,29 @@ impl PostgresStore {
     /// [Connections](Self#connections)); call within a tokio runtime.
     pub fn new(pool: PgPool) -> Self {
         let owners = owner_pool(&pool, DEFAULT_OWNER_CONNECTIONS);
+        let listener = Listener::new(&pool);
         Self {
             pool,
             owners,
             sql: Arc::new(Statements::new(DEFAULT_TABLE)),
             cleanup_batch: 1000,
+            notify: true,
+            listener,
         }
+    }
+
+    /// Whether `complete` and `release` send a notification (`pg_notify`, delivered when
+    /// their transaction commits) and whether requests waiting for a duplicate in flight
+    /// ([`InFlight::Wait`](crate::InFlight::Wait)) listen for it. Default: on.
+    ///
+    /// On, a waiting request on any instance learns of the change within a round trip (see
+    /// [Waiting duplicates](Self#waiting-duplicates)); off, it looks at the table again after
+    /// pauses of 20 ms doubling to 500 ms. Every instance sharing the table should notify: an
+    /// instance with notification off does not wake the waiters of the others (they then find
+    /// its results by polling).
+    pub fn notify(mut self, on: bool) -> Self {
+        self.notify = on;
+        self
     }
 
     /// How many connections the owners' pool opens at most (see
@@ -320,6 +342,32 @@ impl PostgresStore {
         })
     }
 
+    /// The `complete` statement for `key`, with its notification when [`notify`](Self::notify)
+    /// is on.
+    fn complete_query<'q>(
+        &self,
+        key: &'q StoreKey,
+        token: LeaseToken,
+        response: &StoredResponse,
+        ttl: Duration,
+    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        let sql = if self.notify {
+            &self.sql.complete_notify
+        } else {
+            &self.sql.complete
+        };
+        let query = sqlx::query(AssertSqlSafe(sql.clone()))
+            .bind(&key.0[..])
+            .bind(token.to_bytes().to_vec())
+            .bind(response.encode())
+            .bind(micros(ttl));
+        if self.notify {
+            query.bind(notify::channel(key))
+        } else {
+            query
+        }
+    }
+
     /// Runs the `begin` statement once. `None`: the conflicting row was committed after the
     /// statement's snapshot, so it could not be read; run it again.
     async fn try_begin(
@@ -423,11 +471,8 @@ impl IdempotencyStore for PostgresStore {
         response: &StoredResponse,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
-        let result = sqlx::query(AssertSqlSafe(self.sql.complete.clone()))
-            .bind(&key.0[..])
-            .bind(&token.to_bytes()[..])
-            .bind(response.encode())
-            .bind(micros(ttl))
+        let result = self
+            .complete_query(key, token, response, ttl)
             .execute(&self.owners)
             .await
             .map_err(StoreError::unavailable)?;
@@ -435,13 +480,34 @@ impl IdempotencyStore for PostgresStore {
     }
 
     async fn release(&self, key: &StoreKey, token: LeaseToken) -> Result<bool, StoreError> {
-        let result = sqlx::query(AssertSqlSafe(self.sql.release.clone()))
-            .bind(&key.0[..])
-            .bind(&token.to_bytes()[..])
+        let mut release = if self.notify {
+            sqlx::query(AssertSqlSafe(self.sql.release_notify.clone()))
+        } else {
+            sqlx::query(AssertSqlSafe(self.sql.release.clone()))
+        };
+        release = release.bind(&key.0[..]).bind(&token.to_bytes()[..]);
+        if self.notify {
+            release = release.bind(notify::channel(key));
+        }
+        let result = release
             .execute(&self.owners)
             .await
             .map_err(StoreError::unavailable)?;
         Ok(result.rows_affected() == 1)
+    }
+
+    async fn wait(&self, key: &StoreKey, timeout: Duration) -> Result<(), StoreError> {
+        if !self.notify {
+            tokio::time::sleep(timeout).await;
+            return Ok(());
+        }
+        let in_flight = sqlx::query_scalar::<_, bool>(AssertSqlSafe(self.sql.in_flight.clone()))
+            .bind(&key.0[..])
+            .fetch_one(&self.pool);
+        self.listener
+            .wait(&notify::channel(key), in_flight, timeout)
+            .await;
+        Ok(())
     }
 }
 

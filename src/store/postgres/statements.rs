@@ -15,7 +15,13 @@ pub(super) struct Statements {
     pub(super) renew: Arc<str>,
     pub(super) complete: Arc<str>,
     pub(super) release: Arc<str>,
+    /// `complete`, then `pg_notify($5, '')` if it stored the response.
+    pub(super) complete_notify: Arc<str>,
+    /// `release`, then `pg_notify($3, '')` if it dropped the lease.
+    pub(super) release_notify: Arc<str>,
     pub(super) delete_expired: Arc<str>,
+    /// $1 key: whether the record is in flight.
+    pub(super) in_flight: Arc<str>,
 }
 
 impl Statements {
@@ -25,7 +31,22 @@ impl Statements {
         let t = format!("\"{table}\"");
         let index = format!("\"{table}_expires_at_idx\"");
         let sql = |s: String| Arc::<str>::from(s);
+        // $1 key, $2 token, $3 encoded response, $4 ttl in microseconds.
+        let complete = format!(
+            "UPDATE {t} SET state = 'completed', token = NULL, response = $3,
+                 expires_at = now() + $4::int8 * interval '1 microsecond',
+                 completed_at = now()
+             WHERE key = $1 AND token = $2 AND state = 'in_flight'"
+        );
+        // $1 key, $2 token.
+        let release =
+            format!("DELETE FROM {t} WHERE key = $1 AND token = $2 AND state = 'in_flight'");
         Self {
+            // The notification is sent when the transaction commits, and only if a row changed.
+            complete_notify: sql(format!("{complete} RETURNING pg_notify($5::text, '')")),
+            release_notify: sql(format!("{release} RETURNING pg_notify($3::text, '')")),
+            complete: sql(complete),
+            release: sql(release),
             table: table.to_owned(),
             create_table: sql(format!(
                 "CREATE TABLE IF NOT EXISTS {t} (
@@ -90,19 +111,11 @@ impl Statements {
                 "UPDATE {t} SET expires_at = now() + $3::int8 * interval '1 microsecond'
                  WHERE key = $1 AND token = $2 AND state = 'in_flight'"
             )),
-            // $1 key, $2 token, $3 encoded response, $4 ttl in microseconds.
-            complete: sql(format!(
-                "UPDATE {t} SET state = 'completed', token = NULL, response = $3,
-                     expires_at = now() + $4::int8 * interval '1 microsecond',
-                     completed_at = now()
-                 WHERE key = $1 AND token = $2 AND state = 'in_flight'"
-            )),
-            // $1 key, $2 token.
-            release: sql(format!(
-                "DELETE FROM {t} WHERE key = $1 AND token = $2 AND state = 'in_flight'"
-            )),
             // $1 batch size. FOR UPDATE re-checks the deadline on the latest version of a row a
             // concurrent `begin` just took over; SKIP LOCKED passes over rows in use.
+            in_flight: sql(format!(
+                "SELECT EXISTS (SELECT FROM {t} WHERE key = $1 AND state = 'in_flight')"
+            )),
             delete_expired: sql(format!(
                 "DELETE FROM {t} WHERE key IN (
                      SELECT key FROM {t} WHERE expires_at <= now()

@@ -7,6 +7,7 @@ use redis::Value;
 
 use super::{
     RedisStore,
+    notify::Publish,
     scripts::{MAX_MILLIS, SCRIPTS},
 };
 use crate::store::{
@@ -130,6 +131,7 @@ impl IdempotencyStore for RedisStore {
                     &token.to_bytes()[..],
                     &response.encode(),
                     millis(ttl).to_string().as_bytes(),
+                    self.publish.arg(),
                 ],
                 true,
             )
@@ -155,12 +157,29 @@ impl IdempotencyStore for RedisStore {
             .run(
                 &SCRIPTS.release,
                 &self.redis_key(key),
-                &[&token.to_bytes()[..]],
+                &[&token.to_bytes()[..], self.publish.arg()],
                 false,
             )
             .await
             .map_err(StoreError::unavailable)?;
         flag(reply)
+    }
+
+    async fn wait(&self, key: &StoreKey, timeout: Duration) -> Result<(), StoreError> {
+        match &self.subscriber {
+            Some(subscriber) if self.publish != Publish::Off => {
+                let record = self.redis_key(key);
+                let mut conn = self.conn.clone();
+                // In flight while the lease's token is there: `complete` removes it, `release`
+                // the whole record.
+                let mut check = redis::cmd("HEXISTS");
+                check.arg(&record).arg("t");
+                let in_flight = check.query_async::<bool>(&mut conn);
+                subscriber.wait(&record, in_flight, timeout).await;
+            }
+            _ => tokio::time::sleep(timeout).await,
+        }
+        Ok(())
     }
 }
 

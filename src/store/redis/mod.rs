@@ -14,12 +14,14 @@ const RECONNECT_MAX_DELAY: std::time::Duration = std::time::Duration::from_milli
 mod calls;
 mod connection;
 mod durability;
+mod notify;
 mod scripts;
 
 use calls::millis;
 use connection::Connection;
 pub use durability::RedisDurability;
 use durability::{NotAcknowledged, WaitReplicas, read_durability};
+use notify::{Publish, Subscriber};
 use scripts::{LuaScript, RELEASE};
 
 use super::{LeaseToken, StoreError, StoreErrorKind, StoreKey};
@@ -136,6 +138,12 @@ pub struct RedisStore {
     prefix: Arc<str>,
     wait: Option<WaitReplicas>,
     durability: Option<RedisDurability>,
+    /// What `complete` and `release` publish.
+    publish: Publish,
+    /// The publish command when notification is on: `PUBLISH`, or `SPUBLISH` on a cluster.
+    publish_on: Publish,
+    /// The subscriber connection, when the store opened its own connections.
+    subscriber: Option<Arc<Subscriber>>,
 }
 
 impl fmt::Debug for RedisStore {
@@ -150,18 +158,58 @@ impl fmt::Debug for RedisStore {
             .field("prefix", &self.prefix)
             .field("wait", &self.wait)
             .field("durability", &self.durability)
+            .field("notify", &(self.publish != Publish::Off))
+            .field("subscriber", &self.subscriber.is_some())
             .finish_non_exhaustive()
     }
 }
 
 impl RedisStore {
     fn with_connection(conn: Connection) -> Self {
+        let publish = match conn {
+            Connection::Single(_) => Publish::Plain,
+            #[cfg(feature = "redis-cluster")]
+            Connection::Cluster(_) => Publish::Sharded,
+        };
         Self {
             conn,
             prefix: Arc::from(DEFAULT_PREFIX),
             wait: None,
             durability: None,
+            publish,
+            publish_on: publish,
+            subscriber: None,
         }
+    }
+
+    /// A store that subscribes on `subscriber`, or polls (with a warning) if it could not be
+    /// connected.
+    fn with_subscriber(mut self, subscriber: RedisResult<Arc<Subscriber>>) -> Self {
+        match subscriber {
+            Ok(subscriber) => self.subscriber = Some(subscriber),
+            Err(error) => tracing::warn!(
+                target: "tower_idempotency",
+                %error,
+                "could not open the Redis connection that wakes waiting duplicates (RESP3 \
+                 pub/sub needs Redis 6 or later); requests waiting for a duplicate in flight \
+                 poll instead"
+            ),
+        }
+        self
+    }
+
+    /// Whether `complete` and `release` publish a message when a record completes or its lease
+    /// is dropped, and whether requests waiting for a duplicate in flight
+    /// ([`InFlight::Wait`](crate::InFlight::Wait)) listen for it. Default: on.
+    ///
+    /// On, a waiting request on any instance learns of the change within a network round trip
+    /// (see [Waiting duplicates](Self#waiting-duplicates)); off, it looks at the store again
+    /// after pauses of 20 ms doubling to 500 ms. Every instance sharing the records should
+    /// publish: an instance with notification off does not wake the waiters of the others
+    /// (they then find its results by polling).
+    pub fn notify(mut self, on: bool) -> Self {
+        self.publish = if on { self.publish_on } else { Publish::Off };
+        self
     }
 
     /// A store on `conn`, with the default prefix `idempotency:`. Does not read the server's
@@ -199,7 +247,11 @@ impl RedisStore {
             .get_connection_manager_with_config(config)
             .await
             .map_err(StoreError::unavailable)?;
-        Ok(Self::new(conn).check_durability().await)
+        let subscriber = Subscriber::single(&client, RECONNECT_MAX_DELAY).await;
+        Ok(Self::new(conn)
+            .with_subscriber(subscriber)
+            .check_durability()
+            .await)
     }
 
     /// A store on a Redis Cluster connection, with the default prefix. Does not read the
@@ -233,7 +285,11 @@ impl RedisStore {
             .get_async_connection()
             .await
             .map_err(StoreError::unavailable)?;
-        Ok(Self::from_cluster(conn).check_durability().await)
+        let subscriber = Subscriber::cluster(&nodes).await;
+        Ok(Self::from_cluster(conn)
+            .with_subscriber(subscriber)
+            .check_durability()
+            .await)
     }
 
     /// Reads the server's persistence settings (`CONFIG GET appendonly`, `appendfsync`,
@@ -406,7 +462,8 @@ impl RedisStore {
             .arg(RELEASE)
             .arg(1)
             .arg(self.redis_key(key))
-            .arg(&token.to_bytes()[..]);
+            .arg(&token.to_bytes()[..])
+            .arg(self.publish.arg());
         let mut conn = self.conn.clone();
         let mut undo = Box::pin(async move {
             let _: redis::RedisResult<Value> = release.query_async(&mut conn).await;

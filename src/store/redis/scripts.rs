@@ -49,9 +49,11 @@ redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
 ";
 
-/// KEYS[1] record; ARGV[1] token, ARGV[2] encoded response, ARGV[3] TTL ms. Returns 1 if the
-/// token owned the lease (and the response is stored), 2 if the token already completed the
-/// record (a repeated `complete`; nothing changes), else 0.
+/// KEYS[1] record; ARGV[1] token, ARGV[2] encoded response, ARGV[3] TTL ms, ARGV[4] the
+/// publish command (`PUBLISH`, `SPUBLISH`, or empty for none). Returns 1 if the token owned the
+/// lease (and the response is stored, and an empty message published on the channel named as
+/// the key), 2 if the token already completed the record (a repeated `complete`; nothing
+/// changes), else 0.
 pub(super) const COMPLETE: &str = r"
 local record = redis.call('HMGET', KEYS[1], 't', 'c')
 if record[1] ~= ARGV[1] then
@@ -64,16 +66,23 @@ redis.call('HDEL', KEYS[1], 't')
 redis.call('HSET', KEYS[1], 'r', ARGV[2], 'c', ARGV[1],
   'd', string.format('%.0f', now + tonumber(ARGV[3])))
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
+if ARGV[4] and ARGV[4] ~= '' then
+  redis.call(ARGV[4], KEYS[1], '')
+end
 return 1
 ";
 
-/// KEYS[1] record; ARGV[1] token. Returns 1 if the token owned the lease (and it is gone),
-/// else 0.
+/// KEYS[1] record; ARGV[1] token, ARGV[2] the publish command, as for [`COMPLETE`] (absent or
+/// empty: none). Returns 1 if the token owned the lease (and it is gone, and the release
+/// published), else 0.
 pub(super) const RELEASE: &str = r"
 if redis.call('HGET', KEYS[1], 't') ~= ARGV[1] then
   return 0
 end
 redis.call('DEL', KEYS[1])
+if ARGV[2] and ARGV[2] ~= '' then
+  redis.call(ARGV[2], KEYS[1], '')
+end
 return 1
 ";
 

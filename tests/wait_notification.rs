@@ -1,0 +1,255 @@
+//! Waiting duplicates on another instance are woken by the store's notification: two layers,
+//! each with its own store connection, share one Redis, one Redis Cluster or one PostgreSQL.
+//! A request runs on instance A; its duplicate, sent to instance B while it runs, waits
+//! (`InFlight::Wait`). The delay measured is from A's response to B's replay.
+//!
+//! With notification on (the default), the delay is a round trip or two; with it off
+//! (`notify(false)`), B finds the record only when its next pause (20 ms doubling to 500 ms)
+//! ends. The tests print median and p99 and assert bounds loose enough for a loaded machine.
+//!
+//! Needs `REDIS_URL`, `REDIS_CLUSTER_URL` (seed URLs separated by commas) and `DATABASE_URL`;
+//! each test is skipped with a message when its variable is unset, and fails under `CI=true`.
+#![cfg(any(feature = "redis", feature = "postgres"))]
+
+mod common;
+mod support;
+
+use std::{sync::Arc, time::Duration};
+
+use axum::{Router, routing::post};
+use bytes::Bytes;
+use http::StatusCode;
+use support::*;
+use tokio::time::Instant;
+use tower_idempotency::{IdempotencyLayer, IdempotencyStore, InFlight};
+
+/// `POST /calls` behind a waiting layer on `store`: counts the run, waits at `gate`.
+fn instance(store: Arc<dyn IdempotencyStore>, calls: &Calls, gate: &Gate) -> Router {
+    let (calls, gate) = (calls.clone(), gate.clone());
+    let layer = IdempotencyLayer::new()
+        .post("/calls")
+        .store(store)
+        .in_flight(InFlight::Wait {
+            timeout: Duration::from_secs(20),
+        });
+    Router::new()
+        .route(
+            "/calls",
+            post(move |body: Bytes| async move {
+                let run = calls.hit();
+                gate.enter().await;
+                created(run, &body)
+            }),
+        )
+        .layer(layer)
+}
+
+/// Delays in milliseconds, sorted.
+struct Delays(Vec<f64>);
+
+impl Delays {
+    fn quantile(&self, q: f64) -> f64 {
+        let i = ((self.0.len() as f64 - 1.0) * q).round() as usize;
+        self.0[i]
+    }
+
+    fn median(&self) -> f64 {
+        self.quantile(0.5)
+    }
+
+    fn p99(&self) -> f64 {
+        self.quantile(0.99)
+    }
+}
+
+/// `tries` times: a request on `a` held for `hold`, its duplicate on `b`; returns the delays
+/// from A's response to B's replay. Every duplicate must be a replay: B's handler never runs.
+async fn measure(
+    a: Arc<dyn IdempotencyStore>,
+    b: Arc<dyn IdempotencyStore>,
+    tries: usize,
+    hold: Duration,
+) -> Delays {
+    let (calls_a, calls_b, gate_a, gate_b) = (
+        Calls::default(),
+        Calls::default(),
+        Gate::default(),
+        Gate::default(),
+    );
+    gate_b.open(tries);
+    let app_a = instance(a, &calls_a, &gate_a);
+    let app_b = instance(b, &calls_b, &gate_b);
+    let mut delays = Vec::with_capacity(tries);
+    for n in 0..tries {
+        let key = uuid::Uuid::new_v4().to_string();
+        let first = tokio::spawn({
+            let (app, key) = (app_a.clone(), key.clone());
+            async move {
+                let reply = send(&app, request("/calls", Some(&key), "{}")).await;
+                (reply, Instant::now())
+            }
+        });
+        gate_a.entered(n + 1).await;
+        let duplicate = tokio::spawn({
+            let (app, key) = (app_b.clone(), key.clone());
+            async move {
+                let reply = send(&app, request("/calls", Some(&key), "{}")).await;
+                (reply, Instant::now())
+            }
+        });
+        tokio::time::sleep(hold).await;
+        gate_a.open(1);
+        let (first, answered) = first.await.unwrap();
+        let (duplicate, replayed) = duplicate.await.unwrap();
+        assert_eq!(first.status, StatusCode::CREATED);
+        assert_eq!(
+            duplicate.status,
+            StatusCode::CREATED,
+            "{:?}",
+            duplicate.body
+        );
+        assert!(duplicate.replayed(), "the duplicate gets the replay");
+        assert_eq!(duplicate.body, first.body);
+        delays.push(replayed.saturating_duration_since(answered).as_secs_f64() * 1000.0);
+    }
+    assert_eq!(calls_a.get(), tries, "each request ran once on A");
+    assert_eq!(calls_b.get(), 0, "no duplicate ran on B");
+    delays.sort_by(f64::total_cmp);
+    Delays(delays)
+}
+
+/// How many tries with notification on.
+const TRIES: usize = 100;
+/// How long A's handler runs with notification on: B is waiting by then.
+const HOLD: Duration = Duration::from_millis(30);
+/// The bound asserted on the median with notification on. The goal is 10 ms on loopback; this
+/// leaves room for a loaded machine, and is still far below what polling gives.
+const NOTIFIED_MEDIAN_MS: f64 = 60.0;
+/// With notification off: A holds its lease 700 ms, so B's pauses (20, 40, 80, 160, 320, 500
+/// ms, looking at 20, 60, 140, 300, 620 and 1,120 ms) make it find the record about 420 ms
+/// after A answered.
+const POLL_HOLD: Duration = Duration::from_millis(700);
+const POLL_TRIES: usize = 5;
+
+/// Runs both measurements for stores built by `open(notify)`, prints, and asserts.
+async fn notified_and_polled<F, Fut>(store: &str, open: F)
+where
+    F: Fn(bool) -> Fut,
+    Fut: std::future::Future<Output = (Arc<dyn IdempotencyStore>, Arc<dyn IdempotencyStore>)>,
+{
+    let (a, b) = open(true).await;
+    // One try first, so that connections are warm.
+    measure(a.clone(), b.clone(), 1, HOLD).await;
+    let notified = measure(a.clone(), b.clone(), TRIES, HOLD).await;
+    let notified_long = measure(a, b, POLL_TRIES, POLL_HOLD).await;
+    let (a, b) = open(false).await;
+    let polled = measure(a, b, POLL_TRIES, POLL_HOLD).await;
+    println!(
+        "{store}: notify on, {TRIES} tries: median {:.2} ms, p99 {:.2} ms; \
+         held {} ms, {POLL_TRIES} tries: median {:.2} ms; notify off, held {} ms: median {:.2} ms",
+        notified.median(),
+        notified.p99(),
+        POLL_HOLD.as_millis(),
+        notified_long.median(),
+        POLL_HOLD.as_millis(),
+        polled.median(),
+    );
+    assert!(
+        notified.median() <= NOTIFIED_MEDIAN_MS,
+        "{store}: median {:.2} ms with notification",
+        notified.median()
+    );
+    assert!(
+        notified_long.median() <= NOTIFIED_MEDIAN_MS,
+        "{store}: median {:.2} ms with notification, held long",
+        notified_long.median()
+    );
+    assert!(
+        polled.median() >= 200.0,
+        "{store}: median {:.2} ms without notification: the test no longer shows polling",
+        polled.median()
+    );
+}
+
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_wakes_a_waiter_on_another_instance() {
+    use tower_idempotency::store::RedisStore;
+    let Some(url) = common::service_url("REDIS_URL", "redis_wakes_a_waiter_on_another_instance")
+    else {
+        return;
+    };
+    notified_and_polled("Redis", |notify| {
+        let url = url.clone();
+        async move {
+            let prefix = format!("tower-idempotency-test:{}:", uuid::Uuid::new_v4().simple());
+            let open = || async {
+                let store = RedisStore::open(&url).await.unwrap();
+                Arc::new(store.prefix(prefix.clone()).notify(notify)) as Arc<dyn IdempotencyStore>
+            };
+            (open().await, open().await)
+        }
+    })
+    .await;
+}
+
+#[cfg(feature = "redis-cluster")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_wakes_a_waiter_on_another_instance() {
+    use tower_idempotency::store::RedisStore;
+    let test = "redis_cluster_wakes_a_waiter_on_another_instance";
+    let Some(urls) = common::service_url("REDIS_CLUSTER_URL", test) else {
+        return;
+    };
+    let seeds: Vec<String> = urls.split(',').map(|u| u.trim().to_owned()).collect();
+    notified_and_polled("Redis Cluster", |notify| {
+        let seeds = seeds.clone();
+        async move {
+            let prefix = format!("tower-idempotency-test:{}:", uuid::Uuid::new_v4().simple());
+            let open = || async {
+                let store = RedisStore::open_cluster(&seeds).await.unwrap();
+                Arc::new(store.prefix(prefix.clone()).notify(notify)) as Arc<dyn IdempotencyStore>
+            };
+            (open().await, open().await)
+        }
+    })
+    .await;
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_wakes_a_waiter_on_another_instance() {
+    use tower_idempotency::store::PostgresStore;
+    let test = "postgres_wakes_a_waiter_on_another_instance";
+    let Some(url) = common::service_url("DATABASE_URL", test) else {
+        return;
+    };
+    let table = format!(
+        "idem_wait_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    );
+    let cleanup = PostgresStore::connect(&url).await.unwrap();
+    notified_and_polled("PostgreSQL", |notify| {
+        let (url, table) = (url.clone(), table.clone());
+        async move {
+            let open = || async {
+                let store = PostgresStore::connect(&url)
+                    .await
+                    .unwrap()
+                    .with_table_name(&table)
+                    .unwrap()
+                    .notify(notify);
+                store.migrate().await.unwrap();
+                Arc::new(store) as Arc<dyn IdempotencyStore>
+            };
+            (open().await, open().await)
+        }
+    })
+    .await;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP TABLE IF EXISTS \"{table}\""
+    )))
+    .execute(cleanup.pool())
+    .await
+    .unwrap();
+}
