@@ -253,3 +253,224 @@ async fn postgres_wakes_a_waiter_on_another_instance() {
     .await
     .unwrap();
 }
+
+// ---------------------------------------------------------------------------------------------
+// A broken notification channel: waiters fall back to their pauses, and the channel comes back
+// by itself.
+
+/// How long `wait` takes on `store` for `key` when `change` runs `after` into it; `None` when
+/// the wait did not end by `slice`.
+async fn woken_after<S, F, Fut>(
+    store: &S,
+    key: &tower_idempotency::store::StoreKey,
+    slice: Duration,
+    after: Duration,
+    change: F,
+) -> Duration
+where
+    S: IdempotencyStore + Clone,
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let waiter = tokio::spawn({
+        let (store, key) = (store.clone(), *key);
+        async move {
+            let started = Instant::now();
+            store.wait(&key, slice).await.unwrap();
+            started.elapsed()
+        }
+    });
+    tokio::time::sleep(after).await;
+    change().await;
+    waiter.await.unwrap()
+}
+
+fn fresh_key() -> (
+    tower_idempotency::store::StoreKey,
+    tower_idempotency::store::Fingerprint,
+) {
+    let bytes = *uuid::Uuid::new_v4().as_bytes();
+    let mut key = [0; 32];
+    key[..16].copy_from_slice(&bytes);
+    (
+        tower_idempotency::store::StoreKey(key),
+        tower_idempotency::store::Fingerprint([7; 32]),
+    )
+}
+
+/// Takes a fresh key's lease on `owner`, has `waiter` wait for it with a 2 s slice, and
+/// completes it 150 ms later: returns how long after the completion began the waiter woke.
+/// `None` when the store failed (it may be reconnecting).
+async fn wake_delay<S: IdempotencyStore + Clone>(owner: &S, waiter: &S) -> Option<Duration> {
+    use tower_idempotency::store::{Begin, StoredResponse};
+    let (key, fp) = fresh_key();
+    let Ok(Begin::Acquired(token)) = owner.begin(&key, &fp, Duration::from_secs(30)).await else {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        return None;
+    };
+    let completed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let waited = woken_after(
+        waiter,
+        &key,
+        Duration::from_secs(2),
+        Duration::from_millis(150),
+        || {
+            let completed = completed.clone();
+            async move {
+                let response = StoredResponse {
+                    status: StatusCode::CREATED,
+                    headers: http::HeaderMap::new(),
+                    body: Bytes::new(),
+                };
+                let stored = owner
+                    .complete(&key, token, &response, Duration::from_secs(60))
+                    .await;
+                completed.store(
+                    matches!(stored, Ok(true)),
+                    std::sync::atomic::Ordering::SeqCst,
+                );
+            }
+        },
+    )
+    .await;
+    completed
+        .load(std::sync::atomic::Ordering::SeqCst)
+        .then(|| waited.saturating_sub(Duration::from_millis(150)))
+}
+
+/// Asserts that `waiter` is woken within 100 ms of a completion on `owner` within `within`
+/// (its notification channel may be reconnecting meanwhile).
+async fn notified_again<S: IdempotencyStore + Clone>(owner: &S, waiter: &S, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let delay = wake_delay(owner, waiter).await;
+        if delay.is_some_and(|d| d < Duration::from_millis(100)) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "notification did not come back: woken {delay:?} after the completion"
+        );
+    }
+}
+
+#[cfg(feature = "redis")]
+mod redis_servers;
+
+/// The Redis subscriber connection is killed while a request waits, then the server is killed
+/// and started again: the waiter never waits past its slice, and notification comes back by
+/// itself each time. On a private server, as it kills connections and the server.
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_notification_survives_a_broken_subscription() {
+    use redis_servers::RedisServer;
+    use tower_idempotency::store::{Begin, RedisStore};
+    let test = "redis_notification_survives_a_broken_subscription";
+    if common::service_url("REDIS_URL", test).is_none() {
+        return;
+    }
+    let args = ["--save", "", "--appendonly", "no"];
+    let mut server = RedisServer::start(&args);
+    let port = server.port;
+    let a = RedisStore::open(&server.url()).await.unwrap();
+    let b = RedisStore::open(&server.url()).await.unwrap();
+    notified_again(&a, &b, Duration::from_secs(5)).await;
+
+    // The subscriber's connection dies while a request waits: the wait ends within its slice
+    // (at once, since messages may have been lost).
+    let (key, fp) = fresh_key();
+    assert!(matches!(
+        a.begin(&key, &fp, Duration::from_secs(30)).await.unwrap(),
+        Begin::Acquired(_)
+    ));
+    let slice = Duration::from_millis(400);
+    let waited = woken_after(&b, &key, slice, Duration::from_millis(100), || async {
+        let killed = server.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+        assert_ne!(killed.trim(), "0", "the subscriber connection was killed");
+    })
+    .await;
+    assert!(
+        waited < slice + Duration::from_millis(100),
+        "waited {waited:?} past a {slice:?} slice"
+    );
+    notified_again(&a, &b, Duration::from_secs(5)).await;
+
+    // Redis itself goes away: waits end by their slices.
+    server.kill();
+    for _ in 0..3 {
+        let started = Instant::now();
+        b.wait(&key, slice).await.unwrap();
+        assert!(
+            started.elapsed() < slice + Duration::from_millis(100),
+            "waited {:?} past a {slice:?} slice with Redis down",
+            started.elapsed()
+        );
+    }
+    // And it comes back, on the same port: so does notification.
+    let _server = RedisServer::start_on(port, &args);
+    notified_again(&a, &b, Duration::from_secs(10)).await;
+}
+
+/// The PostgreSQL listener's connection is terminated while a request waits: the waiter never
+/// waits past its slice, and notification comes back by itself.
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_notification_survives_a_broken_listener() {
+    use tower_idempotency::store::{Begin, PostgresStore};
+    let test = "postgres_notification_survives_a_broken_listener";
+    let Some(url) = common::service_url("DATABASE_URL", test) else {
+        return;
+    };
+    let name = format!(
+        "idem_listen_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    );
+    // The application name tells this test's connections from everyone else's.
+    let url = format!(
+        "{url}{}application_name={name}",
+        if url.contains('?') { '&' } else { '?' }
+    );
+    let a = PostgresStore::connect(&url)
+        .await
+        .unwrap()
+        .with_table_name(&name)
+        .unwrap();
+    a.migrate().await.unwrap();
+    let b = PostgresStore::connect(&url)
+        .await
+        .unwrap()
+        .with_table_name(&name)
+        .unwrap();
+    notified_again(&a, &b, Duration::from_secs(5)).await;
+
+    let (key, fp) = fresh_key();
+    assert!(matches!(
+        a.begin(&key, &fp, Duration::from_secs(30)).await.unwrap(),
+        Begin::Acquired(_)
+    ));
+    let slice = Duration::from_millis(400);
+    let terminate = format!(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE application_name = '{name}' AND query LIKE 'LISTEN%'"
+    );
+    let waited = woken_after(&b, &key, slice, Duration::from_millis(100), || async {
+        let killed: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(terminate.clone()))
+            .fetch_one(a.pool())
+            .await
+            .unwrap();
+        assert!(killed >= 1, "the listener connection was terminated");
+    })
+    .await;
+    assert!(
+        waited < slice + Duration::from_millis(100),
+        "waited {waited:?} past a {slice:?} slice"
+    );
+    notified_again(&a, &b, Duration::from_secs(5)).await;
+
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP TABLE IF EXISTS \"{name}\""
+    )))
+    .execute(a.pool())
+    .await
+    .unwrap();
+}
