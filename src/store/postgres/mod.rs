@@ -65,6 +65,7 @@ const BEGIN_ATTEMPTS: usize = 16;
 ///     response     bytea,                    -- StoredResponse::encode; NULL while in flight
 ///     created_at   timestamptz NOT NULL,     -- when the current lease was taken
 ///     completed_at timestamptz,              -- when the response was stored
+///     waited       boolean     NOT NULL DEFAULT false, -- a request waits for the lease
 ///     CHECK ((state = 'in_flight') = (token IS NOT NULL AND response IS NULL))
 /// );
 /// CREATE INDEX IF NOT EXISTS "idempotency_records_expires_at_idx"
@@ -275,7 +276,11 @@ impl PostgresStore {
             .execute(&mut *tx)
             .await
             .map_err(StoreError::unavailable)?;
-        for ddl in [&self.sql.create_table, &self.sql.create_index] {
+        for ddl in [
+            &self.sql.create_table,
+            &self.sql.add_waited,
+            &self.sql.create_index,
+        ] {
             sqlx::raw_sql(AssertSqlSafe(ddl.clone()))
                 .execute(&mut *tx)
                 .await
@@ -501,9 +506,15 @@ impl IdempotencyStore for PostgresStore {
             tokio::time::sleep(timeout).await;
             return Ok(());
         }
-        let in_flight = sqlx::query_scalar::<_, bool>(AssertSqlSafe(self.sql.in_flight.clone()))
-            .bind(&key.0[..])
-            .fetch_one(&self.pool);
+        // Once listening: mark the lease as waited for, so that its `complete` or `release`
+        // notifies. No row: the record is no longer in flight.
+        let in_flight = async {
+            let marked = sqlx::query(AssertSqlSafe(self.sql.mark_waited.clone()))
+                .bind(&key.0[..])
+                .execute(&self.pool)
+                .await?;
+            Ok(marked.rows_affected() == 1)
+        };
         self.listener
             .wait(&notify::channel(key), in_flight, timeout)
             .await;

@@ -11,6 +11,8 @@ pub(super) struct Statements {
     pub(super) table: String,
     pub(super) create_table: Arc<str>,
     pub(super) create_index: Arc<str>,
+    /// Adds the `waited` column to a table made before it existed.
+    pub(super) add_waited: Arc<str>,
     pub(super) begin: Arc<str>,
     pub(super) renew: Arc<str>,
     pub(super) complete: Arc<str>,
@@ -20,8 +22,8 @@ pub(super) struct Statements {
     /// `release`, then `pg_notify($3, '')` if it dropped the lease.
     pub(super) release_notify: Arc<str>,
     pub(super) delete_expired: Arc<str>,
-    /// $1 key: whether the record is in flight.
-    pub(super) in_flight: Arc<str>,
+    /// $1 key: marks a live lease as waited for; one row if there is one.
+    pub(super) mark_waited: Arc<str>,
 }
 
 impl Statements {
@@ -42,9 +44,14 @@ impl Statements {
         let release =
             format!("DELETE FROM {t} WHERE key = $1 AND token = $2 AND state = 'in_flight'");
         Self {
-            // The notification is sent when the transaction commits, and only if a row changed.
-            complete_notify: sql(format!("{complete} RETURNING pg_notify($5::text, '')")),
-            release_notify: sql(format!("{release} RETURNING pg_notify($3::text, '')")),
+            // Only when a request waits for the record (`waited`, set by `mark_waited`), and
+            // only if the row changed; sent when the transaction commits.
+            complete_notify: sql(format!(
+                "{complete} RETURNING CASE WHEN waited THEN pg_notify($5::text, '') END"
+            )),
+            release_notify: sql(format!(
+                "{release} RETURNING CASE WHEN waited THEN pg_notify($3::text, '') END"
+            )),
             complete: sql(complete),
             release: sql(release),
             table: table.to_owned(),
@@ -58,8 +65,12 @@ impl Statements {
                     response     bytea,
                     created_at   timestamptz NOT NULL,
                     completed_at timestamptz,
+                    waited       boolean     NOT NULL DEFAULT false,
                     CHECK ((state = 'in_flight') = (token IS NOT NULL AND response IS NULL))
                 )"
+            )),
+            add_waited: sql(format!(
+                "ALTER TABLE {t} ADD COLUMN IF NOT EXISTS waited boolean NOT NULL DEFAULT false"
             )),
             create_index: sql(format!(
                 "CREATE INDEX IF NOT EXISTS {index} ON {t} (expires_at)"
@@ -93,7 +104,8 @@ impl Statements {
                         expires_at   = excluded.expires_at,
                         response     = NULL,
                         created_at   = excluded.created_at,
-                        completed_at = NULL
+                        completed_at = NULL,
+                        waited       = false
                     WHERE r.expires_at <= now()
                     RETURNING 1
                 )
@@ -113,8 +125,9 @@ impl Statements {
             )),
             // $1 batch size. FOR UPDATE re-checks the deadline on the latest version of a row a
             // concurrent `begin` just took over; SKIP LOCKED passes over rows in use.
-            in_flight: sql(format!(
-                "SELECT EXISTS (SELECT FROM {t} WHERE key = $1 AND state = 'in_flight')"
+            mark_waited: sql(format!(
+                "UPDATE {t} SET waited = true
+                 WHERE key = $1 AND state = 'in_flight' AND expires_at > now()"
             )),
             delete_expired: sql(format!(
                 "DELETE FROM {t} WHERE key IN (
