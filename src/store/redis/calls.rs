@@ -169,12 +169,12 @@ impl IdempotencyStore for RedisStore {
         match &self.subscriber {
             Some(subscriber) if self.publish != Publish::Off => {
                 let record = self.redis_key(key);
-                let mut conn = self.conn.clone();
-                // In flight while the lease's token is there: `complete` removes it, `release`
-                // the whole record.
-                let mut check = redis::cmd("HEXISTS");
-                check.arg(&record).arg("t");
-                let in_flight = check.query_async::<bool>(&mut conn);
+                // Once subscribed: mark the lease as waited for, so that its `complete` or
+                // `release` publishes. No lease: the record changed meanwhile.
+                let in_flight = async {
+                    let (reply, _) = self.run(&SCRIPTS.waited, &record, &[], false).await?;
+                    Ok(reply == Value::Int(1))
+                };
                 subscriber.wait(&record, in_flight, timeout).await;
             }
             _ => tokio::time::sleep(timeout).await,
