@@ -474,3 +474,145 @@ async fn postgres_notification_survives_a_broken_listener() {
     .await
     .unwrap();
 }
+
+// ---------------------------------------------------------------------------------------------
+// Requests that nobody waits for send no notification.
+
+/// A record's response, for the store-level tests.
+fn stored() -> tower_idempotency::store::StoredResponse {
+    tower_idempotency::store::StoredResponse {
+        status: StatusCode::CREATED,
+        headers: http::HeaderMap::new(),
+        body: Bytes::new(),
+    }
+}
+
+/// Completes `keys[0]` and releases `keys[1]` with no waiter, then completes `keys[2]` while
+/// `store` waits for it.
+async fn complete_release_and_waited<S: IdempotencyStore + Clone>(
+    store: &S,
+    keys: [tower_idempotency::store::StoreKey; 3],
+) {
+    use tower_idempotency::store::Begin;
+    let lease = Duration::from_secs(30);
+    let ttl = Duration::from_secs(60);
+    let [completed, released, waited] = keys;
+    let fp = tower_idempotency::store::Fingerprint([7; 32]);
+    let Begin::Acquired(token) = store.begin(&completed, &fp, lease).await.unwrap() else {
+        panic!("acquired")
+    };
+    assert!(
+        store
+            .complete(&completed, token, &stored(), ttl)
+            .await
+            .unwrap()
+    );
+    let Begin::Acquired(token) = store.begin(&released, &fp, lease).await.unwrap() else {
+        panic!("acquired")
+    };
+    assert!(store.release(&released, token).await.unwrap());
+    let Begin::Acquired(token) = store.begin(&waited, &fp, lease).await.unwrap() else {
+        panic!("acquired")
+    };
+    let woken = woken_after(
+        store,
+        &waited,
+        Duration::from_secs(2),
+        Duration::from_millis(150),
+        || async {
+            assert!(
+                store
+                    .complete(&waited, token, &stored(), ttl)
+                    .await
+                    .unwrap()
+            );
+        },
+    )
+    .await;
+    assert!(woken < Duration::from_millis(400), "woken after {woken:?}");
+}
+
+/// On Redis, only the record a request waited for is published.
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_publishes_only_records_a_request_waits_for() {
+    use futures_util::StreamExt;
+    use tower_idempotency::store::RedisStore;
+    let test = "redis_publishes_only_records_a_request_waits_for";
+    let Some(url) = common::service_url("REDIS_URL", test) else {
+        return;
+    };
+    let prefix = format!("tower-idempotency-test:{}:", uuid::Uuid::new_v4().simple());
+    let store = RedisStore::open(&url).await.unwrap().prefix(prefix.clone());
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut pubsub = client.get_async_pubsub().await.unwrap();
+    pubsub.psubscribe(format!("{prefix}*")).await.unwrap();
+
+    let keys = [fresh_key().0, fresh_key().0, fresh_key().0];
+    complete_release_and_waited(&store, keys).await;
+    let mut messages = pubsub.on_message();
+    let first = tokio::time::timeout(Duration::from_secs(1), messages.next())
+        .await
+        .expect("the waited record is published")
+        .unwrap();
+    assert_eq!(
+        first.get_channel_name(),
+        format!("{prefix}{}", keys[2].to_hex()),
+        "the first message is the waited record's: the others published nothing"
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), messages.next())
+            .await
+            .is_err(),
+        "one message in all"
+    );
+}
+
+/// On PostgreSQL, only the record a request waited for is notified.
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_notifies_only_records_a_request_waits_for() {
+    use tower_idempotency::store::{PostgresStore, StoreKey};
+    let test = "postgres_notifies_only_records_a_request_waits_for";
+    let Some(url) = common::service_url("DATABASE_URL", test) else {
+        return;
+    };
+    let table = format!(
+        "idem_only_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    );
+    let store = PostgresStore::connect(&url)
+        .await
+        .unwrap()
+        .with_table_name(&table)
+        .unwrap();
+    store.migrate().await.unwrap();
+    let keys = [fresh_key().0, fresh_key().0, fresh_key().0];
+    let channel = |key: &StoreKey| format!("idempotency_{}", &key.to_hex()[..40]);
+    let mut listener = sqlx::postgres::PgListener::connect(&url).await.unwrap();
+    for key in &keys {
+        listener.listen(&channel(key)).await.unwrap();
+    }
+    complete_release_and_waited(&store, keys).await;
+    let first = tokio::time::timeout(Duration::from_secs(1), listener.recv())
+        .await
+        .expect("the waited record is notified")
+        .unwrap();
+    assert_eq!(
+        first.channel(),
+        channel(&keys[2]),
+        "the first notification is the waited record's: the others sent nothing"
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), listener.recv())
+            .await
+            .is_err(),
+        "one notification in all"
+    );
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP TABLE IF EXISTS \"{table}\""
+    )))
+    .execute(store.pool())
+    .await
+    .unwrap();
+}
