@@ -150,8 +150,9 @@ const DEFAULT_PREFIX: &str = "idempotency:";
 /// the waiter's replay comes a median of under 1 ms after the first response, where polling
 /// took up to 500 ms. A lease that runs out (its owner crashed) is not announced: waiters find
 /// it at their next look. [`new`](Self::new) and [`from_cluster`](Self::from_cluster) stores
-/// have no subscriber connection: they publish, but their waiters poll. If opening the
-/// subscriber connection fails (Redis 5, say), `open` logs a warning and the store polls.
+/// have no subscriber connection: their waiters poll (and mark nothing), and their `complete`
+/// and `release` still publish for records that waiters on other instances marked. If opening
+/// the subscriber connection fails (Redis 5, say), `open` logs a warning and the store polls.
 /// [`notify(false)`](Self::notify) turns publishing and subscribing off.
 ///
 /// # Scripts
