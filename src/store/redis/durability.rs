@@ -6,7 +6,7 @@ use redis::{ErrorKind, RedisError, RedisResult, Value};
 
 use super::connection::Connection;
 
-/// What the Redis server's persistence settings mean for the records a [`RedisStore`] writes,
+/// What the Redis server's persistence settings mean for the records a [`RedisStore`](super::RedisStore) writes,
 /// as read from its configuration (`CONFIG GET appendonly`, `appendfsync` and `save`) when the
 /// store opened. On a cluster, the weakest of its masters.
 ///
@@ -14,7 +14,7 @@ use super::connection::Connection;
 /// is free again, and its retry runs the handler a second time. Persistence is about restarts;
 /// replication is a separate matter: an asynchronous replica promoted by a failover lacks the
 /// writes it had not received yet, whatever the persistence, unless the store waits for
-/// replicas ([`RedisStore::wait_replicas`]).
+/// replicas ([`RedisStore::wait_replicas`](super::RedisStore::wait_replicas)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum RedisDurability {

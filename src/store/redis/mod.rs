@@ -97,7 +97,7 @@ const DEFAULT_PREFIX: &str = "idempotency:";
 /// | `f` | the fingerprint, 32 raw bytes | always |
 /// | `d` | the deadline, milliseconds since the Unix epoch on the server's clock, in decimal: the lease expiry while in flight, completion time plus TTL once completed | always |
 /// | `t` | the lease token, 16 raw bytes | in flight |
-/// | `r` | the response, [`StoredResponse::encode`]d: status, headers and body as length-prefixed binary | completed |
+/// | `r` | the response, [`StoredResponse::encode`](crate::store::StoredResponse::encode)d: status, headers and body as length-prefixed binary | completed |
 /// | `c` | the token that completed the record, 16 raw bytes, so that the owner's repeated `complete` is told from a stranger's (see [`wait_replicas`](Self::wait_replicas)) | completed |
 /// | `w` | `1`: a request waits for the lease, so `complete` and `release` publish (see [Waiting duplicates](Self#waiting-duplicates)) | in flight, once a request waits |
 ///
