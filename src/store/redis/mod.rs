@@ -138,9 +138,11 @@ const DEFAULT_PREFIX: &str = "idempotency:";
 ///   marked.
 /// - While the subscriber connection is down, waiters look at the store again after each of
 ///   the layer's pauses (20 ms doubling to 500 ms), as without notification; when it drops,
-///   every waiter of this instance looks at once (messages may have been lost). It reconnects
-///   by itself (pauses of at most 500 ms on one server; the cluster client reconnects and
-///   follows slot moves) and subscribes again.
+///   every waiter of this instance looks at once (messages may have been lost). On one
+///   server it reconnects by itself (pauses of at most 500 ms) and subscribes again (tested:
+///   subscriber connection killed, Redis killed and started again). On a cluster, reconnection
+///   is the `redis` crate's cluster client's; a failover or slot move of the subscriber's
+///   shard has not been tested here: waiters poll if it does not come back.
 /// - Requests that nobody waits for publish nothing, and pay only the read of one more hash
 ///   field in the scripts they run anyway (`benches/notify.rs`: within the noise). Publishing on
 ///   every `complete` cost 11 and 14% of `begin` + `complete` throughput from one task on a

@@ -110,7 +110,7 @@ impl Subscriber {
     }
 
     /// A subscriber on a cluster connection of its own to `nodes` (RESP3, sharded pub/sub;
-    /// the cluster client subscribes again after reconnecting or when slots move).
+    /// the cluster client's own resubscription is relied on after it reconnects).
     #[cfg(feature = "redis-cluster")]
     pub(super) async fn cluster(nodes: &[String]) -> RedisResult<Arc<Self>> {
         let (tx, rx) = mpsc::unbounded_channel();
