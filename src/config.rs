@@ -45,8 +45,10 @@ pub enum InFlight {
     /// The default: 409 Conflict with `Retry-After: 1` at once (IETF draft section 2.7).
     Conflict,
     /// Wait up to `timeout` for the first request to finish and answer with its replay (same
-    /// status, headers and body). The in-memory store wakes waiters by notification; other
-    /// stores are polled with backoff (20 ms doubling to 500 ms). If the first request fails
+    /// status, headers and body). The in-memory store wakes waiters by notification, and so
+    /// do `RedisStore` (pub/sub) and `PostgresStore` (`LISTEN`/`NOTIFY`) across instances;
+    /// other stores, and those two while their notification connection is down, are polled
+    /// with backoff (20 ms doubling to 500 ms). If the first request fails
     /// without storing (5xx, panic), one waiter takes the lease and runs; the others go on
     /// waiting for that run. Past `timeout`: 409 with `Retry-After`.
     Wait {

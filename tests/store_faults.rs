@@ -100,6 +100,7 @@ const CRASH: Plan = Plan {
 /// Latency spikes, 6 s in all from 1 s on: every chunk delayed 1.5 s each way for 2 s, then
 /// 3 s each way for 4 s, while the creates started in the first 6 s run. Every store call then
 /// outlasts the layer's store timeout (2 s): to the layer it is a 6 s outage.
+#[cfg_attr(not(any(feature = "postgres", feature = "mysql")), allow(dead_code))]
 const LATENCY: Plan = Plan {
     spread: ms(6_000),
     faults: &[

@@ -7,11 +7,19 @@ pub(super) struct Statements {
     pub(super) table: String,
     pub(super) create_table: Arc<str>,
     pub(super) create_index: Arc<str>,
+    /// Adds the `waited` column to a table made before it existed.
+    pub(super) add_waited: Arc<str>,
     pub(super) begin: Arc<str>,
     pub(super) renew: Arc<str>,
     pub(super) complete: Arc<str>,
     pub(super) release: Arc<str>,
+    /// `complete`, then `pg_notify($5, '')` if it stored the response.
+    pub(super) complete_notify: Arc<str>,
+    /// `release`, then `pg_notify($3, '')` if it dropped the lease.
+    pub(super) release_notify: Arc<str>,
     pub(super) delete_expired: Arc<str>,
+    /// $1 key: marks a live lease as waited for; one row if there is one.
+    pub(super) mark_waited: Arc<str>,
 }
 
 impl Statements {
@@ -21,7 +29,27 @@ impl Statements {
         let t = format!("\"{table}\"");
         let index = format!("\"{table}_expires_at_idx\"");
         let sql = |s: String| Arc::<str>::from(s);
+        // $1 key, $2 token, $3 encoded response, $4 ttl in microseconds.
+        let complete = format!(
+            "UPDATE {t} SET state = 'completed', token = NULL, response = $3,
+                 expires_at = now() + $4::int8 * interval '1 microsecond',
+                 completed_at = now()
+             WHERE key = $1 AND token = $2 AND state = 'in_flight'"
+        );
+        // $1 key, $2 token.
+        let release =
+            format!("DELETE FROM {t} WHERE key = $1 AND token = $2 AND state = 'in_flight'");
         Self {
+            // Only when a request waits for the record (`waited`, set by `mark_waited`), and
+            // only if the row changed; sent when the transaction commits.
+            complete_notify: sql(format!(
+                "{complete} RETURNING CASE WHEN waited THEN pg_notify($5::text, '') END"
+            )),
+            release_notify: sql(format!(
+                "{release} RETURNING CASE WHEN waited THEN pg_notify($3::text, '') END"
+            )),
+            complete: sql(complete),
+            release: sql(release),
             table: table.to_owned(),
             create_table: sql(format!(
                 "CREATE TABLE IF NOT EXISTS {t} (
@@ -33,8 +61,12 @@ impl Statements {
                     response     bytea,
                     created_at   timestamptz NOT NULL,
                     completed_at timestamptz,
+                    waited       boolean     NOT NULL DEFAULT false,
                     CHECK ((state = 'in_flight') = (token IS NOT NULL AND response IS NULL))
                 )"
+            )),
+            add_waited: sql(format!(
+                "ALTER TABLE {t} ADD COLUMN IF NOT EXISTS waited boolean NOT NULL DEFAULT false"
             )),
             create_index: sql(format!(
                 "CREATE INDEX IF NOT EXISTS {index} ON {t} (expires_at)"
@@ -68,7 +100,8 @@ impl Statements {
                         expires_at   = excluded.expires_at,
                         response     = NULL,
                         created_at   = excluded.created_at,
-                        completed_at = NULL
+                        completed_at = NULL,
+                        waited       = false
                     WHERE r.expires_at <= now()
                     RETURNING 1
                 )
@@ -86,19 +119,12 @@ impl Statements {
                 "UPDATE {t} SET expires_at = now() + $3::int8 * interval '1 microsecond'
                  WHERE key = $1 AND token = $2 AND state = 'in_flight'"
             )),
-            // $1 key, $2 token, $3 encoded response, $4 ttl in microseconds.
-            complete: sql(format!(
-                "UPDATE {t} SET state = 'completed', token = NULL, response = $3,
-                     expires_at = now() + $4::int8 * interval '1 microsecond',
-                     completed_at = now()
-                 WHERE key = $1 AND token = $2 AND state = 'in_flight'"
-            )),
-            // $1 key, $2 token.
-            release: sql(format!(
-                "DELETE FROM {t} WHERE key = $1 AND token = $2 AND state = 'in_flight'"
-            )),
             // $1 batch size. FOR UPDATE re-checks the deadline on the latest version of a row a
             // concurrent `begin` just took over; SKIP LOCKED passes over rows in use.
+            mark_waited: sql(format!(
+                "UPDATE {t} SET waited = true
+                 WHERE key = $1 AND state = 'in_flight' AND expires_at > now()"
+            )),
             delete_expired: sql(format!(
                 "DELETE FROM {t} WHERE key IN (
                      SELECT key FROM {t} WHERE expires_at <= now()

@@ -4,7 +4,7 @@ use axum::{body::Body, response::IntoResponse};
 use http::Response;
 use sqlx::{AssertSqlSafe, PgConnection, Postgres, Transaction};
 
-use super::{PostgresStore, micros};
+use super::PostgresStore;
 use crate::{
     Lease, TransactionalError,
     store::{StoreError, StoredResponse},
@@ -32,11 +32,9 @@ impl PostgresStore {
         lease: &Lease,
         stored: &StoredResponse,
     ) -> Result<bool, StoreError> {
-        let result = sqlx::query(AssertSqlSafe(self.sql.complete.clone()))
-            .bind(&lease.store_key().0[..])
-            .bind(&lease.fencing_token().to_bytes()[..])
-            .bind(stored.encode())
-            .bind(micros(lease.ttl()))
+        let key = lease.store_key();
+        let result = self
+            .complete_query(&key, lease.fencing_token(), stored, lease.ttl())
             .execute(conn)
             .await
             .map_err(StoreError::unavailable)?;

@@ -7,6 +7,7 @@ use redis::Value;
 
 use super::{
     RedisStore,
+    notify::Publish,
     scripts::{MAX_MILLIS, SCRIPTS},
 };
 use crate::store::{
@@ -130,6 +131,7 @@ impl IdempotencyStore for RedisStore {
                     &token.to_bytes()[..],
                     &response.encode(),
                     millis(ttl).to_string().as_bytes(),
+                    self.publish.arg(),
                 ],
                 true,
             )
@@ -155,12 +157,29 @@ impl IdempotencyStore for RedisStore {
             .run(
                 &SCRIPTS.release,
                 &self.redis_key(key),
-                &[&token.to_bytes()[..]],
+                &[&token.to_bytes()[..], self.publish.arg()],
                 false,
             )
             .await
             .map_err(StoreError::unavailable)?;
         flag(reply)
+    }
+
+    async fn wait(&self, key: &StoreKey, timeout: Duration) -> Result<(), StoreError> {
+        match &self.subscriber {
+            Some(subscriber) if self.publish != Publish::Off => {
+                let record = self.redis_key(key);
+                // Once subscribed: mark the lease as waited for, so that its `complete` or
+                // `release` publishes. No lease: the record changed meanwhile.
+                let in_flight = async {
+                    let (reply, _) = self.run(&SCRIPTS.waited, &record, &[], false).await?;
+                    Ok(reply == Value::Int(1))
+                };
+                subscriber.wait(&record, in_flight, timeout).await;
+            }
+            _ => tokio::time::sleep(timeout).await,
+        }
+        Ok(())
     }
 }
 

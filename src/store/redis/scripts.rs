@@ -49,31 +49,51 @@ redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
 ";
 
-/// KEYS[1] record; ARGV[1] token, ARGV[2] encoded response, ARGV[3] TTL ms. Returns 1 if the
-/// token owned the lease (and the response is stored), 2 if the token already completed the
-/// record (a repeated `complete`; nothing changes), else 0.
+/// KEYS[1] record; ARGV[1] token, ARGV[2] encoded response, ARGV[3] TTL ms, ARGV[4] the
+/// publish command (`PUBLISH`, `SPUBLISH`, or empty for none). Returns 1 if the token owned the
+/// lease (and the response is stored, and, if a request waits for the record (field `w`), an
+/// empty message published on the channel named as the key), 2 if the token already completed the record (a repeated `complete`; nothing
+/// changes), else 0.
 pub(super) const COMPLETE: &str = r"
-local record = redis.call('HMGET', KEYS[1], 't', 'c')
+local record = redis.call('HMGET', KEYS[1], 't', 'c', 'w')
 if record[1] ~= ARGV[1] then
   if record[2] == ARGV[1] then
     return 2
   end
   return 0
 end
-redis.call('HDEL', KEYS[1], 't')
+redis.call('HDEL', KEYS[1], 't', 'w')
 redis.call('HSET', KEYS[1], 'r', ARGV[2], 'c', ARGV[1],
   'd', string.format('%.0f', now + tonumber(ARGV[3])))
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
+if record[3] and ARGV[4] and ARGV[4] ~= '' then
+  redis.call(ARGV[4], KEYS[1], '')
+end
 return 1
 ";
 
-/// KEYS[1] record; ARGV[1] token. Returns 1 if the token owned the lease (and it is gone),
-/// else 0.
+/// KEYS[1] record; ARGV[1] token, ARGV[2] the publish command, as for [`COMPLETE`] (absent or
+/// empty: none). Returns 1 if the token owned the lease (and it is gone, and the release
+/// published if a request waits for it), else 0.
 pub(super) const RELEASE: &str = r"
-if redis.call('HGET', KEYS[1], 't') ~= ARGV[1] then
+local record = redis.call('HMGET', KEYS[1], 't', 'w')
+if record[1] ~= ARGV[1] then
   return 0
 end
 redis.call('DEL', KEYS[1])
+if record[2] and ARGV[2] and ARGV[2] ~= '' then
+  redis.call(ARGV[2], KEYS[1], '')
+end
+return 1
+";
+
+/// KEYS[1] record. Marks a lease as waited for (field `w`), so that its `complete` or
+/// `release` publishes. Returns 1 if the record holds a lease, else 0.
+pub(super) const WAITED: &str = r"
+if redis.call('HEXISTS', KEYS[1], 't') == 0 then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'w', '1')
 return 1
 ";
 
@@ -96,6 +116,7 @@ pub(super) struct Scripts {
     pub(super) renew: LuaScript,
     pub(super) complete: LuaScript,
     pub(super) release: LuaScript,
+    pub(super) waited: LuaScript,
 }
 
 pub(super) static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
@@ -104,4 +125,5 @@ pub(super) static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     complete: LuaScript::new(format!("{NOW}{COMPLETE}")),
     // Release needs no clock.
     release: LuaScript::new(RELEASE.to_owned()),
+    waited: LuaScript::new(WAITED.to_owned()),
 });
