@@ -384,3 +384,20 @@ async fn capture_refuses_a_response_over_the_cap() {
         "response body larger than the limit of 10 bytes"
     );
 }
+
+/// A response that is not stored (a 5xx) releases its lease before the client has it, so the
+/// client's immediate retry runs instead of meeting 409.
+#[tokio::test]
+async fn an_unstored_response_releases_its_lease_before_the_client_has_it() {
+    let store = TestStore::new(MemoryStore::new());
+    let app = Router::new()
+        .route(
+            "/calls",
+            post(|| async { (StatusCode::SERVICE_UNAVAILABLE, "try again") }),
+        )
+        .layer(IdempotencyLayer::new().post("/calls").store(store.clone()));
+    let failed = send(&app, request("/calls", Some("k"), "{}")).await;
+    assert_eq!(failed.status, StatusCode::SERVICE_UNAVAILABLE);
+    let events = store.events();
+    assert_eq!((events.releases, events.released), (1, 1), "{events:?}");
+}
