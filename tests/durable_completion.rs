@@ -386,18 +386,24 @@ async fn capture_refuses_a_response_over_the_cap() {
 }
 
 /// A response that is not stored (a 5xx) releases its lease before the client has it, so the
-/// client's immediate retry runs instead of meeting 409.
-#[tokio::test]
+/// client's immediate retry runs instead of meeting 409. The release is slowed down, so that a
+/// release left to the background would not have finished when the response arrives.
+#[cfg(feature = "testing")]
+#[tokio::test(start_paused = true)]
 async fn an_unstored_response_releases_its_lease_before_the_client_has_it() {
-    let store = TestStore::new(MemoryStore::new());
+    use tower_idempotency::testing::{Fault as Injected, FaultyStore, StoreOp};
+
+    let counted = TestStore::new(MemoryStore::new());
+    let store = FaultyStore::new(counted.clone());
+    store.set(StoreOp::Release, Injected::Delay(Duration::from_millis(50)));
     let app = Router::new()
         .route(
             "/calls",
             post(|| async { (StatusCode::SERVICE_UNAVAILABLE, "try again") }),
         )
-        .layer(IdempotencyLayer::new().post("/calls").store(store.clone()));
+        .layer(IdempotencyLayer::new().post("/calls").store(store));
     let failed = send(&app, request("/calls", Some("k"), "{}")).await;
     assert_eq!(failed.status, StatusCode::SERVICE_UNAVAILABLE);
-    let events = store.events();
+    let events = counted.events();
     assert_eq!((events.releases, events.released), (1, 1), "{events:?}");
 }
