@@ -407,3 +407,101 @@ async fn an_unstored_response_releases_its_lease_before_the_client_has_it() {
     let events = counted.events();
     assert_eq!((events.releases, events.released), (1, 1), "{events:?}");
 }
+
+/// A renewal that keeps failing is tried again with growing pauses (50 ms doubling to 1 s),
+/// not every 50 ms: an outage does not turn every running handler into a flood of renewals.
+#[tokio::test(start_paused = true)]
+async fn failing_renewals_back_off() {
+    let store = TestStore::new(MemoryStore::new());
+    let app = Router::new()
+        .route(
+            "/calls",
+            post(|| async {
+                tokio::time::sleep(Duration::from_secs(8)).await;
+                StatusCode::CREATED
+            }),
+        )
+        .layer(
+            IdempotencyLayer::new()
+                .post("/calls")
+                .store(store.clone())
+                .lease(LEASE),
+        );
+    store.set_faults(|f| f.renew = Fault::Fail);
+    send(&app, request("/calls", Some("k"), "{}")).await;
+    // The first renewal is due a third of a lease (3.3 s) in; then 50, 100, 200, 400, 800,
+    // 1000, 1000 ms: about 8 tries in the remaining 4.7 s, where 50 ms pauses would make ~90.
+    let renews = store.events().renews;
+    assert!((5..=12).contains(&renews), "{renews} renewals");
+}
+
+/// An owner whose lease was taken over before it could store its response says so.
+#[tokio::test(start_paused = true)]
+async fn an_owner_whose_lease_was_taken_over_says_so() {
+    capture_trace();
+    let store = TestStore::new(MemoryStore::new());
+    let lease = Duration::from_secs(1);
+    let app = Router::new()
+        .route(
+            "/calls",
+            post(|| async {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                StatusCode::CREATED
+            }),
+        )
+        .layer(
+            IdempotencyLayer::new()
+                .post("/calls")
+                .store(store.clone())
+                .lease(lease),
+        );
+    // Renewals fail, so the lease runs out while the handler sleeps; a duplicate takes it over.
+    store.set_faults(|f| f.renew = Fault::Fail);
+    let first = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, request("/calls", Some("k"), "{}")).await }
+    });
+    pass(Duration::from_millis(1500)).await;
+    let second = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, request("/calls", Some("k"), "{}")).await }
+    });
+    first.await.unwrap();
+    second.await.unwrap();
+    let trace = take_trace();
+    assert!(
+        trace.contains("lease was lost before completion"),
+        "{trace}"
+    );
+}
+
+/// A `complete` whose reply was lost (the store did it) is tried again, the store refuses the
+/// repeat, and the log says what that may mean.
+#[cfg(feature = "testing")]
+#[tokio::test(start_paused = true)]
+async fn a_refused_repeat_after_a_lost_reply_is_explained() {
+    use tower_idempotency::testing::{Fault as Injected, FaultyStore, StoreOp};
+
+    capture_trace();
+    let store = FaultyStore::new(MemoryStore::new());
+    store.set(StoreOp::Complete, Injected::LoseReply);
+    let calls = Calls::default();
+    let counted = calls.clone();
+    let app = Router::new()
+        .route(
+            "/calls",
+            post(move |body: Bytes| async move { created(counted.hit(), &body) }),
+        )
+        .layer(IdempotencyLayer::new().post("/calls").store(store.clone()));
+    send(&app, request("/calls", Some("k"), "{}")).await;
+    store.clear();
+    pass(Duration::from_secs(1)).await;
+    let trace = take_trace();
+    assert!(
+        trace.contains("an earlier try whose answer was lost stored it"),
+        "{trace}"
+    );
+    let retry = send(&app, request("/calls", Some("k"), "{}")).await;
+    assert!(retry.replayed());
+    assert_eq!(calls.get(), 1);
+}
