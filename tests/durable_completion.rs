@@ -102,7 +102,9 @@ async fn no_takeover_while_the_owner_still_renews() {
         duplicate.assert_problem(StatusCode::CONFLICT, "in-flight");
     }
     assert_eq!(calls.get(), 1);
-    assert!(store.events().renewed >= 6, "{:?}", store.events());
+    // Renewed every third of the lease (about 9 in 30 s), not on every try of `complete`.
+    let renewed = store.events().renewed;
+    assert!((6..=12).contains(&renewed), "{:?}", store.events());
 
     store.set_faults(|f| *f = Default::default());
     store.wait_for(|e| e.completed == 1).await;
@@ -293,7 +295,19 @@ async fn the_handler_reads_the_key_the_scope_digest_and_its_lease() {
 #[tokio::test]
 async fn the_lease_extractor_refuses_a_request_without_a_lease() {
     let app = Router::new()
-        .route("/needs", post(|_: Lease| async { "had a lease" }))
+        .route(
+            "/needs",
+            post(|lease: Lease| async move {
+                // Debug names the record and never shows the token, a capability.
+                let shown = format!("{lease:?}");
+                assert!(shown.starts_with("Lease { store_key: StoreKey("), "{shown}");
+                assert!(
+                    !shown.contains(&format!("{:x}", lease.fencing_token().0)),
+                    "{shown}"
+                );
+                "had a lease"
+            }),
+        )
         .route(
             "/may",
             post(|lease: Option<Lease>| async move { format!("{}", lease.is_some()) }),

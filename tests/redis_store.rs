@@ -376,7 +376,7 @@ async fn wait_replicas_fails_without_a_replica_and_passes_with_one() {
         return;
     }
     let master = RedisServer::start(&["--save", "", "--appendonly", "no"]);
-    let ack = Duration::from_millis(300);
+    let ack = Duration::from_secs(1);
     let store = RedisStore::open(&master.url())
         .await
         .unwrap()

@@ -133,6 +133,14 @@ pub fn replica_of(master: &RedisServer) -> RedisServer {
             .cli(&["INFO", "replication"])
             .contains("master_link_status:up")
     });
+    // WAIT counts only replicas the master sees online (past the initial sync), so wait for
+    // the master's side too: otherwise a loaded machine fails WAIT right after the link is up.
+    let port = format!("port={},state=online", replica.port);
+    wait_until(
+        "the master's replica online",
+        Duration::from_secs(10),
+        || master.cli(&["INFO", "replication"]).contains(&port),
+    );
     replica
 }
 
