@@ -235,6 +235,41 @@ async fn a_store_the_layer_does_not_use_is_told_and_its_refusal_not_stored() {
 }
 
 #[test]
+fn transactional_errors_say_what_happened_and_keep_their_cause() {
+    use std::error::Error;
+    use tower_idempotency::{
+        CaptureError,
+        store::{StoreError, StoreErrorKind},
+    };
+
+    let lost = TransactionalError::LeaseLost;
+    assert!(
+        lost.to_string()
+            .starts_with("the idempotency lease was lost"),
+        "{lost}"
+    );
+    assert!(lost.source().is_none());
+    let capture = TransactionalError::Capture(CaptureError::TooLarge { max: 10 });
+    assert_eq!(
+        capture.to_string(),
+        "the response cannot be stored: response body larger than the limit of 10 bytes"
+    );
+    assert_eq!(
+        capture.source().unwrap().to_string(),
+        "response body larger than the limit of 10 bytes"
+    );
+    let database = TransactionalError::Database(StoreError::new(
+        StoreErrorKind::Timeout,
+        "store call timed out",
+    ));
+    assert_eq!(database.to_string(), "store call timed out");
+    assert_eq!(
+        database.source().unwrap().to_string(),
+        "store call timed out"
+    );
+}
+
+#[test]
 fn lease_lost_answers_409_in_flight() {
     let response = TransactionalError::LeaseLost.into_response();
     assert_eq!(response.status(), StatusCode::CONFLICT);
