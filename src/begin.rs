@@ -12,7 +12,7 @@ use crate::{
     lease::{LeaseGuard, store_call},
     outcome::{Outcome, problem, trace},
     problem::{Problem, ProblemKind},
-    store::{self, Begin, Fingerprint, LeaseToken, StoreError, StoreErrorKind, StoreKey},
+    store::{Begin, Fingerprint, LeaseToken, StoreError, StoreErrorKind, StoreKey},
 };
 
 /// Backoff slices for waiting on stores without notification: 20 ms doubling to 500 ms.
@@ -165,7 +165,7 @@ fn mismatch(parts: &Parts) -> Response<Body> {
 
 fn store_failed(config: &Config, parts: &Parts, error: &StoreError) -> Decision {
     if error.kind() == StoreErrorKind::Full {
-        tracing::warn!(target: "tower_idempotency", cause = %store::diagnose(error), "idempotency store is full");
+        tracing::warn!(target: "tower_idempotency", cause = %error.diagnostic(), "idempotency store is full");
         return Decision::Respond(problem(
             parts,
             Outcome::Rejected,
@@ -178,7 +178,7 @@ fn store_failed(config: &Config, parts: &Parts, error: &StoreError) -> Decision 
     }
     match config.store_failure {
         StoreFailure::FailClosed => {
-            tracing::warn!(target: "tower_idempotency", cause = %store::diagnose(error), "idempotency store failed; rejecting");
+            tracing::warn!(target: "tower_idempotency", cause = %error.diagnostic(), "idempotency store failed; rejecting");
             Decision::Respond(problem(
                 parts,
                 Outcome::Rejected,
@@ -192,7 +192,7 @@ fn store_failed(config: &Config, parts: &Parts, error: &StoreError) -> Decision 
         StoreFailure::FailOpen => {
             tracing::warn!(
                 target: "tower_idempotency",
-                cause = %store::diagnose(error),
+                cause = %error.diagnostic(),
                 "idempotency store failed; running the request WITHOUT idempotency protection"
             );
             trace(

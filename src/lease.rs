@@ -9,7 +9,7 @@ use tokio::time::Instant;
 
 use crate::{
     config::Config,
-    store::{self, LeaseToken, StoreError, StoreErrorKind, StoreKey, StoredResponse},
+    store::{LeaseToken, StoreError, StoreErrorKind, StoreKey, StoredResponse},
 };
 
 /// Runs a store call under the configured timeout.
@@ -69,7 +69,7 @@ pub(crate) async fn release(config: &Config, key: &StoreKey, token: LeaseToken) 
     if let Err(error) = store_call(config, config.store.release(key, token)).await {
         tracing::warn!(
             target: "tower_idempotency",
-            cause = %store::diagnose(&error),
+            cause = %error.diagnostic(),
             "could not release an idempotency lease; it will expire"
         );
     }
@@ -123,7 +123,7 @@ pub(crate) async fn renewing<T>(
                     next = Instant::now() + every;
                 }
                 Err(error) => {
-                    tracing::warn!(target: "tower_idempotency", cause = %store::diagnose(&error), "could not renew an idempotency lease; trying again");
+                    tracing::warn!(target: "tower_idempotency", cause = %error.diagnostic(), "could not renew an idempotency lease; trying again");
                     next = Instant::now() + retry_pause(config.lease, failures);
                     failures += 1;
                 }
@@ -173,7 +173,7 @@ pub(crate) async fn complete(
                 target: "tower_idempotency",
                 %method,
                 path,
-                cause = %store::diagnose(&error),
+                cause = %error.diagnostic(),
                 "could not store the response; the owner keeps its lease and tries again"
             );
             let (method, path) = (method.clone(), path.to_owned());
@@ -251,7 +251,7 @@ async fn keep_completing(
                 %method,
                 path,
                 attempts = attempt + 1,
-                cause = %store::diagnose(&error),
+                cause = %error.diagnostic(),
                 "could not store the response before the completion deadline; its lease will \
                  expire, and a retry after that runs the request again"
             );

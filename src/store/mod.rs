@@ -235,11 +235,6 @@ impl StoreError {
     }
 }
 
-/// [`StoreError::diagnostic`], as the layer logs it.
-pub(crate) fn diagnose(error: &StoreError) -> String {
-    error.diagnostic()
-}
-
 /// `text` with every `scheme://...` run (up to white space or a quote) replaced by `<url>`.
 fn redact_urls(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
