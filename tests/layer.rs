@@ -776,6 +776,43 @@ async fn an_oversized_response_is_sent_whole_but_not_stored() {
     }
 }
 
+#[tokio::test]
+async fn a_response_of_exactly_the_cap_is_stored_and_one_byte_more_is_not() {
+    // Bodies of known size: the size hint alone decides, before a byte is read.
+    let cap = 1024;
+    for (len, stored) in [(cap, true), (cap + 1, false)] {
+        let calls = Calls::default();
+        let c = calls.clone();
+        let body = vec![b'x'; len];
+        let app = Router::new()
+            .route(
+                "/calls",
+                post(move || {
+                    let (c, body) = (c.clone(), body.clone());
+                    async move {
+                        c.hit();
+                        (StatusCode::CREATED, body)
+                    }
+                }),
+            )
+            .layer(
+                IdempotencyLayer::new()
+                    .post("/calls")
+                    .max_response_body(cap),
+            );
+        let first = send(&app, request("/calls", Some("k"), "{}")).await;
+        assert_eq!(first.body.len(), len);
+        let retry = send(&app, request("/calls", Some("k"), "{}")).await;
+        assert_eq!(
+            retry.replayed(),
+            stored,
+            "{len} bytes against a cap of {cap}"
+        );
+        assert_eq!(retry.body.len(), len);
+        assert_eq!(calls.get(), if stored { 1 } else { 2 });
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Pass-through
 
