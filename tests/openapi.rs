@@ -100,8 +100,10 @@ fn only_the_covered_operations_change() {
             "#/components/headers/RetryAfter"
         );
     }
-    // 422 only in strict mode.
-    assert!(op["responses"]["422"].is_null());
+    // 422 only in strict mode; 401, 413 and 500 are left to the application.
+    for status in ["422", "401", "413", "500"] {
+        assert!(op["responses"][status].is_null(), "{status}");
+    }
     // The others are as they were.
     assert_eq!(after["paths"]["/voices"], before["paths"]["/voices"]);
     assert_eq!(
@@ -134,6 +136,37 @@ fn the_app_s_own_content_is_kept_beside_the_problem() {
     assert!(bad["headers"]["Idempotent-Replayed"].is_object());
     let conflict = &after["paths"]["/calls"]["post"]["responses"]["409"];
     assert!(conflict["headers"]["Idempotent-Replayed"].is_null());
+}
+
+#[test]
+fn the_app_s_own_problem_schema_and_the_layer_s_become_any_of() {
+    let op = OperationBuilder::new().response(
+        "409",
+        ResponseBuilder::new().description("app 409").content(
+            "application/problem+json",
+            ContentBuilder::new()
+                .schema(Some(ObjectBuilder::new().title(Some("AppProblem"))))
+                .build(),
+        ),
+    );
+    let mut doc = OpenApiBuilder::new()
+        .info(Info::new("test", "1"))
+        .paths(Paths::builder().path("/calls", PathItem::new(HttpMethod::Post, op)))
+        .build();
+    let openapi = IdempotencyLayer::new().post("/calls").openapi();
+    openapi.apply(&mut doc).unwrap();
+    let once = json_of(&doc);
+    let schema = &once["paths"]["/calls"]["post"]["responses"]["409"]["content"]["application/problem+json"]
+        ["schema"];
+    assert_eq!(
+        schema["anyOf"],
+        json!([
+            {"title": "AppProblem", "type": "object"},
+            {"$ref": "#/components/schemas/IdempotencyProblem"}
+        ])
+    );
+    openapi.apply(&mut doc).unwrap();
+    assert_eq!(json_of(&doc), once);
 }
 
 #[test]
