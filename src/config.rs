@@ -147,6 +147,19 @@ impl Routes {
         }
     }
 
+    /// Every `(method, template)` on the allow-list, methods in the order they were first
+    /// added, templates sorted.
+    #[cfg(feature = "utoipa")]
+    pub(crate) fn templates(&self) -> Vec<(Method, String)> {
+        let mut all = Vec::new();
+        for (method, templates, _) in &self.entries {
+            let mut sorted: Vec<&String> = templates.iter().collect();
+            sorted.sort();
+            all.extend(sorted.into_iter().map(|t| (method.clone(), t.clone())));
+        }
+        all
+    }
+
     fn matches(&self, method: &Method, matched: Option<&MatchedPath>, path: &str) -> bool {
         self.entries.iter().any(|(m, templates, router)| {
             m == method

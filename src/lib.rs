@@ -67,6 +67,12 @@
 //! `redis-cluster`), `PostgresStore` (feature `postgres`) and `MySqlStore` (feature `mysql`)
 //! when several instances share clients. The contract is [`IdempotencyStore`]; feature
 //! `testing` has its conformance suite and a fault-injecting store.
+//!
+//! # OpenAPI
+//!
+//! With feature `utoipa`, [`IdempotencyLayer::openapi`] adds the key header, the
+//! `Idempotent-Replayed` marker and the problem responses to a utoipa OpenAPI document, on the
+//! operations the layer covers (module `openapi`).
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod begin;
@@ -78,6 +84,9 @@ mod future;
 mod key;
 mod layer;
 mod lease;
+#[cfg(feature = "utoipa")]
+#[cfg_attr(docsrs, doc(cfg(feature = "utoipa")))]
+pub mod openapi;
 mod outcome;
 pub mod problem;
 mod response;

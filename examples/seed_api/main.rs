@@ -11,6 +11,7 @@
 //! ```text
 //! cargo run --example seed_api
 //! cargo run --example seed_api -- --handler-delay-ms 3000 --in-flight wait
+//! cargo run --example seed_api --features utoipa    # also serves GET /openapi.json
 //! RUST_LOG=tower_idempotency=debug,tower_http=debug cargo run --example seed_api
 //! cargo run --example seed_api --features redis -- --store redis --redis-url redis://127.0.0.1:6379
 //! cargo run --example seed_api --features postgres -- --store postgres \
@@ -54,8 +55,11 @@
 //! | `POST /knowledge-bases`, `/voices` | no, the key header is ignored |
 //! | `GET /<collection>`, `GET /<collection>/{id}` | reads, never covered |
 //! | `GET /stats` | `{"handler_calls": N}`: create-handler runs of your organization in this process |
+//! | `GET /openapi.json` | with `--features utoipa`, no API key needed: this API in OpenAPI 3.1, the idempotency key header, replay marker and problem responses on the idempotent creates only |
 
 mod api;
+#[cfg(feature = "utoipa")]
+mod openapi;
 mod resources;
 mod stores;
 
@@ -237,6 +241,9 @@ pub fn app_with(
     };
     let layer = idempotency_layer(config, store);
     let drain = layer.drain_handle();
+    // Described by the layer itself, from the routes it is given.
+    #[cfg(feature = "utoipa")]
+    let document = openapi::document((!config.no_idempotency).then_some(&layer));
     let router = api::routes();
     let router = if config.no_idempotency {
         router
@@ -246,7 +253,11 @@ pub fn app_with(
     let router = router
         // The handlers take whatever the idempotency layer lets through.
         .layer(DefaultBodyLimit::max(config.max_body_bytes))
-        .layer(middleware::from_fn(auth))
+        .layer(middleware::from_fn(auth));
+    // Public: added after the authentication layer, so outside it.
+    #[cfg(feature = "utoipa")]
+    let router = router.route("/openapi.json", openapi::route(&document));
+    let router = router
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(TraceLayer::new_for_http())
         .with_state(state);
