@@ -302,7 +302,7 @@ impl StdError for StoreError {
 ///
 /// `examples/custom_store.rs` is a whole store (about 70 lines of logic, with its comments and
 /// a `main` to try it), and
-/// [`testing::conformance::run_all`](crate::testing) (feature `testing`) checks one against
+/// `testing::conformance::run_all` (feature `testing`) checks one against
 /// the whole contract in one call. All durations are relative; a store turns them into
 /// deadlines on its own clock (the in-memory store uses tokio's clock, so tests can pause time;
 /// shared stores use the server's clock so that every instance agrees). The lease time left
