@@ -59,7 +59,9 @@
 //! left and pending completions finish. The README has the table of cases and their tests.
 //!
 //! Rejections are `application/problem+json` responses ([`problem`]), never service errors:
-//! the service's error type is the inner service's.
+//! the service's error type is the inner service's. Your API's own error format instead:
+//! [`IdempotencyLayer::reject_with`]; `type` URIs that point at your docs:
+//! [`IdempotencyLayer::problem_types`].
 //!
 //! # Stores
 //!
@@ -80,6 +82,7 @@ mod layer;
 mod lease;
 mod outcome;
 pub mod problem;
+mod reject;
 mod response;
 pub mod scope;
 mod service;
