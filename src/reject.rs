@@ -7,7 +7,7 @@ use std::sync::Arc;
 use axum::body::Body;
 use http::{HeaderValue, Response, header};
 
-use crate::problem::{Problem, ProblemTypes};
+use crate::{ProblemTypes, problem::Problem};
 
 /// The application's renderer of rejections.
 pub(crate) type RejectHook = Arc<dyn Fn(Problem) -> Response<Body> + Send + Sync>;

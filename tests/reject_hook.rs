@@ -19,8 +19,8 @@ use http::{HeaderValue, Request, StatusCode, header};
 use support::*;
 use tokio::sync::Notify;
 use tower_idempotency::{
-    IdempotencyLayer, KeyReuse, Lease, MemoryStore,
-    problem::{Problem, ProblemKind, ProblemTypes},
+    IdempotencyLayer, KeyReuse, Lease, MemoryStore, ProblemTypes,
+    problem::{Problem, ProblemKind},
 };
 
 /// The hook under test: JSON of its own, the layer's status, a marker header; its own
