@@ -60,6 +60,8 @@ impl fmt::Debug for IdempotencyLayer {
             .field("store_failure", &c.store_failure)
             .field("run_to_completion", &c.run_to_completion)
             .field("canonical_json", &c.canonical_json)
+            .field("problem_types", &c.reject.types)
+            .field("reject_with", &c.reject.hook.is_some())
             .finish_non_exhaustive()
     }
 }

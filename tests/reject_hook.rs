@@ -289,3 +289,61 @@ async fn without_a_hook_a_missing_lease_is_problem_details_as_before() {
     let keyless = send(&svc, request("/leased", None, "{}")).await;
     keyless.assert_problem(StatusCode::INTERNAL_SERVER_ERROR, "no-lease");
 }
+
+/// A handler's `TransactionalError` reaches the client through the hook, and what the layer
+/// must know of it (a lost lease is not stored) survives the rendering.
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+#[tokio::test]
+async fn transactional_errors_go_through_the_hook() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use tower_idempotency::{
+        CaptureError, TransactionalError,
+        store::{StoreError, StoreErrorKind},
+    };
+
+    let runs = Arc::new(AtomicUsize::new(0));
+    let handler = {
+        let runs = runs.clone();
+        move |_lease: Lease, body: Bytes| {
+            let run = runs.fetch_add(1, Ordering::SeqCst);
+            async move {
+                let error = match (body.as_ref(), run) {
+                    (b"\"lost\"", 0) => TransactionalError::LeaseLost,
+                    (b"\"lost\"", _) => return (StatusCode::CREATED, "ran again").into_response(),
+                    (b"\"large\"", _) => {
+                        TransactionalError::Capture(CaptureError::TooLarge { max: 1 })
+                    }
+                    _ => TransactionalError::Database(StoreError::new(
+                        StoreErrorKind::Unavailable,
+                        "database down",
+                    )),
+                };
+                error.into_response()
+            }
+        }
+    };
+    let svc = Router::new().route("/tx", post(handler)).layer(hooked());
+
+    let lost = send(&svc, request("/tx", Some("k1"), "\"lost\"")).await;
+    assert_hooked(&lost, ProblemKind::InFlight, StatusCode::CONFLICT);
+    assert_eq!(lost.header("retry-after"), Some("42"));
+    // Not stored: the retry runs.
+    let retry = send(&svc, request("/tx", Some("k1"), "\"lost\"")).await;
+    assert_eq!(retry.status, StatusCode::CREATED);
+    assert_eq!(retry.text(), "ran again");
+
+    let large = send(&svc, request("/tx", Some("k2"), "\"large\"")).await;
+    assert_hooked(
+        &large,
+        ProblemKind::ResponseUnstorable,
+        StatusCode::INTERNAL_SERVER_ERROR,
+    );
+    let down = send(&svc, request("/tx", Some("k3"), "\"down\"")).await;
+    assert_hooked(
+        &down,
+        ProblemKind::StoreUnavailable,
+        StatusCode::SERVICE_UNAVAILABLE,
+    );
+    assert_eq!(down.header("retry-after"), Some("1"));
+}
