@@ -6,9 +6,10 @@
 //! problem details with `type`, `title`, `status` and `detail` members. The default `type` is a
 //! `tag:` URI (RFC 4151), `tag:tower-idempotency,2026:` followed by the kind's
 //! [slug](ProblemKind::slug), that names the kind of problem and stays stable across versions;
-//! clients can match on it. [`ProblemTypes`](crate::ProblemTypes) makes the `type` URIs point at your API's own
-//! documentation instead, and [`IdempotencyLayer::reject_with`](crate::IdempotencyLayer::reject_with)
-//! renders every rejection in your API's own error format.
+//! clients can match on it. [`ProblemTypes`](crate::ProblemTypes) makes the `type` URIs point
+//! at your API's own documentation instead, and
+//! [`IdempotencyLayer::reject_with`](crate::IdempotencyLayer::reject_with) renders every
+//! rejection in your API's own error format.
 //!
 //! | kind | status | slug (default `type`: `tag:tower-idempotency,2026:` + slug) | when |
 //! |---|---|---|---|
@@ -92,8 +93,8 @@ impl ProblemKind {
     ];
 
     /// The kind's short, stable name, such as `in-flight`: lowercase ASCII letters and `-`.
-    /// The default `type` URI is [`DEFAULT_TYPE_BASE`] followed by it, and so is a
-    /// [`ProblemTypes::base`](crate::ProblemTypes::base) URI.
+    /// The default `type` URI is [`DEFAULT_TYPE_BASE`] followed by it; with a
+    /// [`ProblemTypes::base`](crate::ProblemTypes::base), that base followed by it.
     pub fn slug(self) -> &'static str {
         match self {
             ProblemKind::InvalidKey => "invalid-key",
@@ -155,13 +156,14 @@ pub const DEFAULT_TYPE_BASE: &str = "tag:tower-idempotency,2026:";
 pub struct Problem {
     /// What went wrong.
     pub kind: ProblemKind,
-    /// The `detail` member: this occurrence, in a sentence (English, for the developer who
-    /// reads the error; never the key or a credential).
+    /// The `detail` member: this occurrence, in an English sentence for the developer who
+    /// reads the error.
     pub detail: String,
     /// `Retry-After`, sent in whole seconds (rounded up, at least 1): see
     /// [`retry_after_secs`](Self::retry_after_secs).
     pub retry_after: Option<Duration>,
-    /// The `type` URI the layer's [`ProblemTypes`](crate::ProblemTypes) gave this kind; `None`: the default.
+    /// The `type` URI the layer's [`ProblemTypes`](crate::ProblemTypes) gave this kind; `None`:
+    /// the default.
     type_uri: Option<Cow<'static, str>>,
 }
 
@@ -187,8 +189,8 @@ impl Problem {
         self.kind.title()
     }
 
-    /// The `type` URI: the one the layer's [`ProblemTypes`](crate::ProblemTypes) give the kind, else the kind's
-    /// default ([`ProblemKind::type_uri`]).
+    /// The `type` URI: the one the layer's [`ProblemTypes`](crate::ProblemTypes) give the kind,
+    /// else the kind's default ([`ProblemKind::type_uri`]).
     pub fn type_uri(&self) -> &str {
         self.type_uri.as_deref().unwrap_or(self.kind.type_uri())
     }
@@ -268,6 +270,12 @@ mod tests {
             assert_eq!(
                 kind.type_uri(),
                 format!("{DEFAULT_TYPE_BASE}{}", kind.slug())
+            );
+            assert!(
+                kind.slug()
+                    .bytes()
+                    .all(|c| c.is_ascii_lowercase() || c == b'-'),
+                "{kind:?}"
             );
         }
         let slugs: std::collections::HashSet<_> = ProblemKind::ALL.map(ProblemKind::slug).into();

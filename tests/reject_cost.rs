@@ -1,6 +1,7 @@
 //! The rejection hook costs nothing until something is rejected: a request that runs, is
 //! replayed or passes through makes exactly as many heap allocations with a hook and
-//! `ProblemTypes` set as without. Counted by a global allocator (this binary runs one test, on one thread).
+//! `ProblemTypes` set as without. Counted by a global allocator (this binary runs one test,
+//! on one thread).
 
 use std::alloc::System;
 
