@@ -47,7 +47,7 @@ pub(crate) async fn begin(
                 response,
             }) => {
                 if fingerprint != *fp {
-                    return Err(Decision::Respond(mismatch(parts)));
+                    return Err(Decision::Respond(mismatch(config, parts)));
                 }
                 trace(Outcome::Replayed, &parts.method, parts.uri.path(), "");
                 return Err(Decision::Respond(response.to_replay()));
@@ -57,7 +57,7 @@ pub(crate) async fn begin(
                 lease_remaining,
             }) => {
                 if fingerprint != *fp {
-                    return Err(Decision::Respond(mismatch(parts)));
+                    return Err(Decision::Respond(mismatch(config, parts)));
                 }
                 lease_remaining
             }
@@ -72,6 +72,7 @@ pub(crate) async fn begin(
             let detail = "a request with this idempotency key is still being processed; \
                           retry after it completes";
             return Err(Decision::Respond(problem(
+                config,
                 parts,
                 Outcome::Conflict,
                 Problem::new(ProblemKind::InFlight, detail)
@@ -151,8 +152,9 @@ async fn begin_call(
     })
 }
 
-fn mismatch(parts: &Parts) -> Response<Body> {
+fn mismatch(config: &Config, parts: &Parts) -> Response<Body> {
     problem(
+        config,
         parts,
         Outcome::Mismatch,
         Problem::new(
@@ -167,6 +169,7 @@ fn store_failed(config: &Config, parts: &Parts, error: &StoreError) -> Decision 
     if error.kind() == StoreErrorKind::Full {
         tracing::warn!(target: "tower_idempotency", cause = %error.diagnostic(), "idempotency store is full");
         return Decision::Respond(problem(
+            config,
             parts,
             Outcome::Rejected,
             Problem::new(
@@ -180,6 +183,7 @@ fn store_failed(config: &Config, parts: &Parts, error: &StoreError) -> Decision 
         StoreFailure::FailClosed => {
             tracing::warn!(target: "tower_idempotency", cause = %error.diagnostic(), "idempotency store failed; rejecting");
             Decision::Respond(problem(
+                config,
                 parts,
                 Outcome::Rejected,
                 Problem::new(

@@ -11,7 +11,7 @@ use axum::extract::MatchedPath;
 use http::{HeaderName, Method, Request, StatusCode};
 use tokio_util::task::TaskTracker;
 
-use crate::{scope::ScopeExtractor, store::IdempotencyStore};
+use crate::{reject::Reject, scope::ScopeExtractor, store::IdempotencyStore};
 
 /// The default key header, `X-Idempotency-Key`.
 pub const DEFAULT_HEADER: HeaderName = HeaderName::from_static("x-idempotency-key");
@@ -114,6 +114,8 @@ pub(crate) struct Config {
     pub(crate) run_to_completion: bool,
     pub(crate) status_policy: StatusPolicy,
     pub(crate) canonical_json: bool,
+    /// How rejections are rendered: `type` URIs and the application's hook.
+    pub(crate) reject: Reject,
     /// How long an owner whose handler has finished keeps trying to store its response.
     pub(crate) completion_deadline: Duration,
     /// The layer's detached work (handlers whose clients left, pending completions, lease

@@ -4,6 +4,7 @@ use std::{
     fmt,
     future::Future,
     pin::Pin,
+    sync::Arc,
     task::{Context, Poll},
 };
 
@@ -13,7 +14,7 @@ use futures_util::future::BoxFuture;
 use http::Response;
 use pin_project_lite::pin_project;
 
-use crate::store::BoxError;
+use crate::{config::Config, store::BoxError};
 
 pin_project! {
     /// The response future of [`Idempotency`].
@@ -26,16 +27,18 @@ pin_project! {
 pin_project! {
     #[project = KindProj]
     enum Kind<F, E> {
-        Passthrough { #[pin] future: F },
+        Passthrough { #[pin] future: F, rerender: Option<Arc<Config>> },
         Ready { response: Option<Response<Body>> },
         Covered { future: BoxFuture<'static, Result<Response<Body>, E>> },
     }
 }
 
 impl<F, E> ResponseFuture<F, E> {
-    pub(crate) fn passthrough(future: F) -> Self {
+    /// `rerender`: the layer's settings, when a rejection of the [`Lease`](crate::Lease)
+    /// extractor in the response must be rendered again with them.
+    pub(crate) fn passthrough(future: F, rerender: Option<Arc<Config>>) -> Self {
         Self {
-            kind: Kind::Passthrough { future },
+            kind: Kind::Passthrough { future, rerender },
         }
     }
 
@@ -77,9 +80,15 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().kind.project() {
-            KindProj::Passthrough { future } => future
-                .poll(cx)
-                .map(|result| result.map(|response| response.map(Body::new))),
+            KindProj::Passthrough { future, rerender } => future.poll(cx).map(|result| {
+                result.map(|response| {
+                    let response = response.map(Body::new);
+                    match rerender {
+                        Some(config) => config.reject.rerender(response),
+                        None => response,
+                    }
+                })
+            }),
             KindProj::Ready { response } => {
                 Poll::Ready(Ok(response.take().expect("polled after completion")))
             }

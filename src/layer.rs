@@ -2,6 +2,7 @@
 
 use std::{fmt, sync::Arc, time::Duration};
 
+use axum::response::IntoResponse;
 use http::{HeaderName, Method, StatusCode};
 use tokio_util::task::TaskTracker;
 use tower::Layer;
@@ -18,6 +19,9 @@ use crate::{
         Routes, StoreFailure, default_status_policy,
     },
     drain::Drain,
+    problem::Problem,
+    problem_types::ProblemTypes,
+    reject::Reject,
     scope::{AuthorizationScope, ScopeExtractor},
     service::Idempotency,
     store::{IdempotencyStore, MemoryStore},
@@ -56,6 +60,8 @@ impl fmt::Debug for IdempotencyLayer {
             .field("store_failure", &c.store_failure)
             .field("run_to_completion", &c.run_to_completion)
             .field("canonical_json", &c.canonical_json)
+            .field("problem_types", &c.reject.types)
+            .field("reject_with", &c.reject.hook.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -82,6 +88,7 @@ impl IdempotencyLayer {
                 run_to_completion: true,
                 status_policy: Arc::new(default_status_policy),
                 canonical_json: true,
+                reject: Reject::default(),
                 completion_deadline: DEFAULT_COMPLETION_DEADLINE,
                 tracker: TaskTracker::new(),
                 missing_scope_warned: Arc::default(),
@@ -275,6 +282,55 @@ impl IdempotencyLayer {
         Drain {
             tracker: self.config.tracker.clone(),
         }
+    }
+
+    /// How every rejection the layer makes is rendered, for an API whose clients expect its own
+    /// error format (an SDK that cannot read problem details, say). Default: none, and each
+    /// rejection is RFC 9457 problem details ([`Problem::into_response`]):
+    /// `Content-Type: application/problem+json`, `Retry-After` when the problem has one, and
+    /// `{"detail":…,"status":…,"title":…,"type":…}`.
+    ///
+    /// `hook` gets the [`Problem`] (kind, [status](Problem::status), detail,
+    /// [`Retry-After`](Problem::retry_after_secs), [`type` URI](Problem::type_uri)) of every
+    /// response the layer makes itself: 400 invalid or missing key and unreadable body, 401
+    /// missing scope, 409 in flight, 413 body too large, 422 key reused, 503 store unavailable
+    /// or full, and the 500s of a [`Lease`](crate::Lease) extractor and of
+    /// `TransactionalError` that reach the client through this layer. Replays are the stored
+    /// responses, never passed to it. The response's status, headers and body are the hook's;
+    /// when the problem has a `Retry-After` and the hook's response has no `Retry-After`
+    /// header, the layer adds it (in whole seconds). A hook can keep problem details for some
+    /// kinds by returning `problem.into_response()`.
+    ///
+    /// Only rejections call the hook: a request that runs, is replayed or passes through costs
+    /// nothing more. A `Lease` extractor on a handler that no layer wraps has no hook to ask,
+    /// and answers with problem details.
+    ///
+    /// ```
+    /// use axum::{Json, http::StatusCode};
+    /// use tower_idempotency::{IdempotencyLayer, problem::Problem};
+    ///
+    /// let layer = IdempotencyLayer::new().reject_with(|problem: Problem| {
+    ///     let body = serde_json::json!({
+    ///         "error": { "code": problem.kind.slug(), "message": problem.detail }
+    ///     });
+    ///     (problem.status(), Json(body))
+    /// });
+    /// ```
+    pub fn reject_with<F, R>(self, hook: F) -> Self
+    where
+        F: Fn(Problem) -> R + Send + Sync + 'static,
+        R: IntoResponse,
+    {
+        self.with(|c| c.reject.hook = Some(Arc::new(move |problem| hook(problem).into_response())))
+    }
+
+    /// The `type` URIs of the layer's problem details (and of the [`Problem`]s a
+    /// [`reject_with`](Self::reject_with) hook gets). Default: [`ProblemTypes::default()`],
+    /// `tag:tower-idempotency,2026:` followed by the kind's slug (`…:in-flight`). See
+    /// [`ProblemTypes`] for a base URI on your documentation and per-kind URIs; their URIs are
+    /// checked when you make them, so a bad one stops your set-up code, not a response.
+    pub fn problem_types(self, types: ProblemTypes) -> Self {
+        self.with(|c| c.reject.types = types)
     }
 
     /// Which responses are stored, by status. Default: [`default_status_policy`] (all but 5xx,

@@ -59,7 +59,9 @@
 //! left and pending completions finish. The README has the table of cases and their tests.
 //!
 //! Rejections are `application/problem+json` responses ([`problem`]), never service errors:
-//! the service's error type is the inner service's.
+//! the service's error type is the inner service's. Your API's own error format instead:
+//! [`IdempotencyLayer::reject_with`]; `type` URIs that point at your docs:
+//! [`IdempotencyLayer::problem_types`].
 //!
 //! # Stores
 //!
@@ -89,6 +91,8 @@ mod lease;
 pub mod openapi;
 mod outcome;
 pub mod problem;
+mod problem_types;
+mod reject;
 mod response;
 pub mod scope;
 mod service;
@@ -107,6 +111,7 @@ pub use drain::{Drain, DrainTimedOut};
 pub use future::ResponseFuture;
 pub use key::{IdempotencyKey, KeyError, MAX_KEY_LEN};
 pub use layer::{DEFAULT_COMPLETION_DEADLINE, DEFAULT_MAX_RESPONSE_BODY, IdempotencyLayer};
+pub use problem_types::{InvalidTypeUri, ProblemTypes};
 pub use response::{REPLAYED_HEADER, StoredResponse};
 pub use scope::{AuthorizationScope, ExtensionScope, Scope, ScopeDigest, ScopeExtractor, scope_fn};
 pub use service::{Idempotency, UNPROTECTED_HEADER};

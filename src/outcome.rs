@@ -3,7 +3,7 @@
 use axum::body::Body;
 use http::{Method, Response, request::Parts};
 
-use crate::problem::Problem;
+use crate::{config::Config, problem::Problem};
 
 /// The outcome of a covered request, as written to the trace (`outcome` field).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,13 +41,18 @@ pub(crate) fn trace(outcome: Outcome, method: &Method, path: &str, detail: &str)
     );
 }
 
-/// A rejection, traced with its outcome.
-pub(crate) fn problem(parts: &Parts, outcome: Outcome, problem: Problem) -> Response<Body> {
+/// A rejection, traced with its outcome and rendered with the layer's settings.
+pub(crate) fn problem(
+    config: &Config,
+    parts: &Parts,
+    outcome: Outcome,
+    problem: Problem,
+) -> Response<Body> {
     trace(
         outcome,
         &parts.method,
         parts.uri.path(),
         problem.kind.title(),
     );
-    problem.into_response()
+    config.reject.render(problem)
 }

@@ -77,13 +77,13 @@ where
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         // Select: the pass-through path reads nothing and allocates nothing.
         if !self.config.covers(&req) {
-            return ResponseFuture::passthrough(self.inner.call(req));
+            return ResponseFuture::passthrough(self.inner.call(req), self.rerenders());
         }
         let key = match IdempotencyKey::from_any_header(req.headers(), &self.config.headers) {
             Ok(Some(key)) => key,
             Ok(None) if !self.config.require_key => {
                 tracing::debug!(target: "tower_idempotency", outcome = "bypassed", detail = "no key");
-                return ResponseFuture::passthrough(self.inner.call(req));
+                return ResponseFuture::passthrough(self.inner.call(req), self.rerenders());
             }
             Ok(None) => {
                 return ResponseFuture::ready(reject_key(&req, KeyError::Missing, &self.config));
@@ -95,6 +95,14 @@ where
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
         ResponseFuture::covered(Box::pin(handle(self.config.clone(), inner, req, key)))
+    }
+}
+
+impl<S> Idempotency<S> {
+    /// The settings a passed-through response needs when it may be a rejection of the
+    /// [`Lease`] extractor to render again; `None` (and no reference counting) by default.
+    fn rerenders(&self) -> Option<Arc<Config>> {
+        (!self.config.reject.is_default()).then(|| self.config.clone())
     }
 }
 
@@ -135,7 +143,9 @@ fn reject_key<B>(req: &Request<B>, error: KeyError, config: &Config) -> Response
         }
         other => format!("{other} (header {names})"),
     };
-    Problem::new(ProblemKind::InvalidKey, detail).into_response()
+    config
+        .reject
+        .render(Problem::new(ProblemKind::InvalidKey, detail))
 }
 
 async fn handle<S, ReqBody, ResBody>(
@@ -161,6 +171,7 @@ where
         warn_missing_scope_once(&config);
         return match config.missing_scope {
             MissingScope::Reject => Ok(problem(
+                &config,
                 &parts,
                 Outcome::Rejected,
                 Problem::new(
@@ -179,7 +190,7 @@ where
                 );
                 parts.extensions.insert(key);
                 let response = inner.oneshot(Request::from_parts(parts, body)).await?;
-                Ok(response.map(Body::new))
+                Ok(config.reject.rerender(response.map(Body::new)))
             }
         };
     };
@@ -198,16 +209,17 @@ where
         )
     };
     if declared.is_some_and(|len| len > limit as u64) {
-        return Ok(problem(&parts, Outcome::Rejected, too_large()));
+        return Ok(problem(&config, &parts, Outcome::Rejected, too_large()));
     }
     let bytes = match Limited::new(body, limit).collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => {
-            return Ok(problem(&parts, Outcome::Rejected, too_large()));
+            return Ok(problem(&config, &parts, Outcome::Rejected, too_large()));
         }
         Err(error) => {
             let detail = format!("the request body could not be read: {error}");
             return Ok(problem(
+                &config,
                 &parts,
                 Outcome::Rejected,
                 Problem::new(ProblemKind::BodyUnreadable, detail),
@@ -244,7 +256,9 @@ where
             parts.extensions.insert(ScopeDigest::of(&scope));
             parts.extensions.insert(key);
             let req = Request::from_parts(parts, ReqBody::from(bytes));
-            let mut response = inner.oneshot(req).await?.map(Body::new);
+            let mut response = config
+                .reject
+                .rerender(inner.oneshot(req).await?.map(Body::new));
             response
                 .headers_mut()
                 .insert(UNPROTECTED_HEADER, HeaderValue::from_static("true"));
@@ -274,12 +288,10 @@ where
             Ok(result) => return result,
             Err(error) if error.is_panic() => error.into_panic(),
             Err(_) => {
-                return Ok(Problem::new(
-                    ProblemKind::StoreUnavailable,
-                    "the server is shutting down",
-                )
-                .retry_after(Duration::from_secs(1))
-                .into_response());
+                return Ok(config.reject.render(
+                    Problem::new(ProblemKind::StoreUnavailable, "the server is shutting down")
+                        .retry_after(Duration::from_secs(1)),
+                ));
             }
         }
     } else {
@@ -310,7 +322,13 @@ where
     ResBody::Error: Into<BoxError>,
 {
     let work = async {
-        let response = inner.oneshot(req).await?;
+        // A rejection made inside the handler (`TransactionalError`) is rendered with the
+        // layer's settings before anything else (what is stored is what the client got).
+        // `Body::new` here boxes the body once, as capturing it would; later calls find a
+        // `Body` and do not box it again.
+        let response = config
+            .reject
+            .rerender(inner.oneshot(req).await?.map(Body::new));
         let (mut parts, body) = response.into_parts();
         // The handler stored the record itself, in its own transaction: this is the stored
         // response, and the lease is settled.

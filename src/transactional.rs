@@ -35,6 +35,7 @@ use crate::{
     capture::{Captured, TOO_LARGE, capture},
     config::Config,
     problem::{Problem, ProblemKind},
+    reject::Unrendered,
     response::StoredResponse,
     store::{LeaseToken, StoreKey},
 };
@@ -178,12 +179,11 @@ impl<S: Send + Sync> FromRequestParts<S> for Lease {
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
         parts.extensions.get::<Lease>().cloned().ok_or_else(|| {
-            Problem::new(
+            Unrendered::response(Problem::new(
                 ProblemKind::NoLease,
                 "this handler needs an idempotency lease, and the request has none: it has no \
                  idempotency key, or the handler is not behind the idempotency layer",
-            )
-            .into_response()
+            ))
         })
     }
 }
@@ -284,28 +284,29 @@ impl IntoResponse for TransactionalError {
         let retry = std::time::Duration::from_secs(1);
         match self {
             TransactionalError::LeaseLost => {
-                let mut response: Response<Body> = Problem::new(
-                    ProblemKind::InFlight,
-                    "another request with this idempotency key took over; retry to get its \
-                     response",
-                )
-                .retry_after(retry)
-                .into_response();
+                let mut response = Unrendered::response(
+                    Problem::new(
+                        ProblemKind::InFlight,
+                        "another request with this idempotency key took over; retry to get \
+                         its response",
+                    )
+                    .retry_after(retry),
+                );
                 // Not this request's outcome: a retry must get the other request's.
                 response.extensions_mut().insert(DoNotStore);
                 response
             }
-            TransactionalError::Capture(error) => Problem::new(
+            TransactionalError::Capture(error) => Unrendered::response(Problem::new(
                 ProblemKind::ResponseUnstorable,
                 format!("the response cannot be stored: {error}"),
-            )
-            .into_response(),
-            TransactionalError::Database(_) => Problem::new(
-                ProblemKind::StoreUnavailable,
-                "the database failed; nothing was committed, retry later",
-            )
-            .retry_after(retry)
-            .into_response(),
+            )),
+            TransactionalError::Database(_) => Unrendered::response(
+                Problem::new(
+                    ProblemKind::StoreUnavailable,
+                    "the database failed; nothing was committed, retry later",
+                )
+                .retry_after(retry),
+            ),
         }
     }
 }
