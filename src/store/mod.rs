@@ -54,6 +54,8 @@ mod mysql;
 pub use self::mysql::MySqlStore;
 
 #[cfg(any(feature = "postgres", feature = "mysql"))]
+mod sql;
+#[cfg(any(feature = "postgres", feature = "mysql"))]
 mod table_name;
 #[cfg(any(feature = "postgres", feature = "mysql"))]
 pub use table_name::TableNameError;
