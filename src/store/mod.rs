@@ -57,6 +57,8 @@ pub use self::mysql::MySqlStore;
 mod sql;
 #[cfg(any(feature = "postgres", feature = "mysql"))]
 mod table_name;
+#[cfg(any(feature = "redis", feature = "postgres"))]
+mod wait;
 #[cfg(any(feature = "postgres", feature = "mysql"))]
 pub use table_name::TableNameError;
 
