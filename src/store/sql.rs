@@ -6,10 +6,13 @@ use std::{future::Future, time::Duration};
 
 use axum::{body::Body, response::IntoResponse};
 use http::Response;
-use sqlx::{ConnectOptions, Connection, Database, Pool, Transaction, pool::PoolOptions};
+use sqlx::{
+    ColumnIndex, ConnectOptions, Connection, Database, Decode, Pool, Row, Transaction, Type,
+    pool::PoolOptions,
+};
 use tokio::task::JoinHandle;
 
-use super::{BoxError, StoreError, StoreErrorKind, StoreKey, StoredResponse};
+use super::{Begin, BoxError, Fingerprint, StoreError, StoreErrorKind, StoreKey, StoredResponse};
 use crate::{Lease, TransactionalError};
 
 /// The table name used unless `with_table_name` says otherwise.
@@ -26,6 +29,46 @@ pub(super) fn micros(duration: Duration) -> i64 {
 
 pub(super) fn corrupt(source: impl Into<BoxError>) -> StoreError {
     StoreError::new(StoreErrorKind::Corrupt, "stored record is corrupt").with_source(source)
+}
+
+/// The live record in a row that `begin` read (columns `remaining_us`, `fingerprint`, `state`
+/// and `response`), or `None` when its deadline has passed.
+pub(super) fn live_record<'r, R>(row: &'r R) -> Result<Option<Begin>, StoreError>
+where
+    R: Row,
+    for<'c> &'c str: ColumnIndex<R>,
+    i64: Decode<'r, R::Database> + Type<R::Database>,
+    &'r str: Decode<'r, R::Database> + Type<R::Database>,
+    &'r [u8]: Decode<'r, R::Database> + Type<R::Database>,
+{
+    let remaining_us: i64 = row.try_get("remaining_us").map_err(corrupt)?;
+    if remaining_us <= 0 {
+        return Ok(None);
+    }
+    let fingerprint: &[u8] = row.try_get("fingerprint").map_err(corrupt)?;
+    let fingerprint = Fingerprint(
+        fingerprint
+            .try_into()
+            .map_err(|_| corrupt("a fingerprint is 32 bytes"))?,
+    );
+    let state: &str = row.try_get("state").map_err(corrupt)?;
+    match state {
+        "in_flight" => Ok(Some(Begin::InFlight {
+            fingerprint,
+            lease_remaining: Duration::from_micros(remaining_us as u64),
+        })),
+        "completed" => {
+            let bytes: &[u8] = row.try_get("response").map_err(corrupt)?;
+            Ok(Some(Begin::Completed {
+                fingerprint,
+                response: StoredResponse::decode(bytes)?,
+            }))
+        }
+        _ => Err(StoreError::new(
+            StoreErrorKind::Corrupt,
+            "stored record has an unknown state",
+        )),
+    }
 }
 
 /// What a SQL store gives the shared code below.

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sqlx::{AssertSqlSafe, MySql, Row, mysql::MySqlRow};
+use sqlx::{AssertSqlSafe, MySql};
 
 use super::{
     MySqlStore,
@@ -15,7 +15,7 @@ use super::{
 use crate::store::{
     Begin, Fingerprint, IdempotencyStore, LeaseToken, StoreError, StoreErrorKind, StoreKey,
     StoredResponse,
-    sql::{corrupt, micros},
+    sql::{self, micros},
 };
 
 /// How many passes `begin` makes when concurrent writers on the same key keep changing the
@@ -29,39 +29,6 @@ enum Pass {
     Raced,
     /// InnoDB rolled the write back (deadlock, lock wait timeout).
     Failed(sqlx::Error),
-}
-
-/// Reads the row of the `read` statement: the live record it holds, or `None` when its
-/// deadline has passed.
-fn live_record(row: &MySqlRow) -> Result<Option<Begin>, StoreError> {
-    let remaining_us: i64 = row.try_get("remaining_us").map_err(corrupt)?;
-    if remaining_us <= 0 {
-        return Ok(None);
-    }
-    let fingerprint: &[u8] = row.try_get("fingerprint").map_err(corrupt)?;
-    let fingerprint = Fingerprint(
-        fingerprint
-            .try_into()
-            .map_err(|_| corrupt("a fingerprint is 32 bytes"))?,
-    );
-    let state: &str = row.try_get("state").map_err(corrupt)?;
-    match state {
-        "in_flight" => Ok(Some(Begin::InFlight {
-            fingerprint,
-            lease_remaining: Duration::from_micros(remaining_us as u64),
-        })),
-        "completed" => {
-            let bytes: &[u8] = row.try_get("response").map_err(corrupt)?;
-            Ok(Some(Begin::Completed {
-                fingerprint,
-                response: StoredResponse::decode(bytes)?,
-            }))
-        }
-        _ => Err(StoreError::new(
-            StoreErrorKind::Corrupt,
-            "stored record has an unknown state",
-        )),
-    }
 }
 
 impl MySqlStore {
@@ -94,7 +61,7 @@ impl MySqlStore {
             .map_err(StoreError::unavailable)?;
         let written = match row {
             Some(row) => {
-                if let Some(live) = live_record(&row)? {
+                if let Some(live) = sql::live_record(&row)? {
                     return Ok(Ok(live));
                 }
                 // Expired: take it over if it still is, on its latest committed version.

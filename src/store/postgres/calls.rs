@@ -10,7 +10,7 @@ use super::{PostgresStore, notify};
 use crate::store::{
     Begin, Fingerprint, IdempotencyStore, LeaseToken, StoreError, StoreErrorKind, StoreKey,
     StoredResponse,
-    sql::{corrupt, micros},
+    sql::{self, corrupt, micros},
 };
 
 /// How many times `begin` runs its statement when concurrent writers on the same key keep
@@ -76,31 +76,9 @@ fn existing(row: &PgRow, token: LeaseToken) -> Result<Option<Begin>, StoreError>
     if row.try_get::<bool, _>("acquired").map_err(corrupt)? {
         return Ok(Some(Begin::Acquired(token)));
     }
-    let remaining_us: i64 = row.try_get("remaining_us").map_err(corrupt)?;
-    if remaining_us <= 0 {
-        // `live` keeps rows with `expires_at > now()`; rounding to microseconds aside, this
-        // does not happen. Treat it as expired: run again.
-        return Ok(None);
-    }
-    let fingerprint = Fingerprint(row.try_get("fingerprint").map_err(corrupt)?);
-    let state: &str = row.try_get("state").map_err(corrupt)?;
-    match state {
-        "in_flight" => Ok(Some(Begin::InFlight {
-            fingerprint,
-            lease_remaining: Duration::from_micros(remaining_us as u64),
-        })),
-        "completed" => {
-            let bytes: &[u8] = row.try_get("response").map_err(corrupt)?;
-            Ok(Some(Begin::Completed {
-                fingerprint,
-                response: StoredResponse::decode(bytes)?,
-            }))
-        }
-        _ => Err(StoreError::new(
-            StoreErrorKind::Corrupt,
-            "stored record has an unknown state",
-        )),
-    }
+    // `live` keeps rows with `expires_at > now()`; rounding to microseconds aside, a row past
+    // its deadline does not come. Treat it as expired: run again.
+    sql::live_record(row)
 }
 
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
