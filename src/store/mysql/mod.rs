@@ -69,15 +69,15 @@ const MIGRATE_LOCK_SECS: i64 = 60;
 /// ) ENGINE = InnoDB;
 /// ```
 ///
-/// Keys, fingerprints and tokens are the raw bytes of [`StoreKey`], [`Fingerprint`](super::Fingerprint) and
-/// [`LeaseToken`](super::LeaseToken); responses use the compact binary [`StoredResponse::encode`] format, so binary
-/// bodies and non-UTF-8 header values are kept exactly. A response larger than the server's
-/// `max_allowed_packet` (16 MiB by default on MariaDB, 64 MiB on MySQL 8) cannot be stored:
-/// `complete` fails with [`StoreErrorKind::Unavailable`]. Times are `DATETIME(6)` in UTC
-/// (`UTC_TIMESTAMP(6)`), so the session's `time_zone` does not matter. You may create the table
-/// yourself (with your migration tool) instead of calling `migrate`, as long as it has these
-/// columns, this primary key and `ENGINE = InnoDB`: the atomicity below rests on InnoDB's row
-/// locks.
+/// Keys, fingerprints and tokens are the raw bytes of [`StoreKey`],
+/// [`Fingerprint`](super::Fingerprint) and [`LeaseToken`](super::LeaseToken); responses use the
+/// compact binary [`StoredResponse::encode`] format, so binary bodies and non-UTF-8 header values
+/// are kept exactly. A response larger than the server's `max_allowed_packet` (16 MiB by default on
+/// MariaDB, 64 MiB on MySQL 8) cannot be stored: `complete` fails with
+/// [`StoreErrorKind::Unavailable`]. Times are `DATETIME(6)` in UTC (`UTC_TIMESTAMP(6)`), so the
+/// session's `time_zone` does not matter. You may create the table yourself (with your migration
+/// tool) instead of calling `migrate`, as long as it has these columns, this primary key and
+/// `ENGINE = InnoDB`: the atomicity below rests on InnoDB's row locks.
 ///
 /// # Round trips
 ///
@@ -104,11 +104,11 @@ const MIGRATE_LOCK_SECS: i64 = 60;
 /// InnoDB's exclusive row lock. Step by step, each statement in autocommit mode, at the default
 /// REPEATABLE READ:
 ///
-/// 1. A plain `SELECT` of the key's row. In autocommit mode every statement is its own
-///    transaction with a fresh consistent snapshot, so it sees every commit made before it
-///    started. A row whose deadline (`expires_at`, on the server's clock) has not passed is
-///    reported as it is, [`Begin::InFlight`](super::Begin::InFlight) or [`Begin::Completed`](super::Begin::Completed): a correct answer as of
-///    that snapshot, given without taking any lock or writing anything.
+/// 1. A plain `SELECT` of the key's row. In autocommit mode every statement is its own transaction
+///    with a fresh consistent snapshot, so it sees every commit made before it started. A row whose
+///    deadline (`expires_at`, on the server's clock) has not passed is reported as it is,
+///    [`Begin::InFlight`](super::Begin::InFlight) or [`Begin::Completed`](super::Begin::Completed):
+///    a correct answer as of that snapshot, given without taking any lock or writing anything.
 /// 2. No row: `INSERT` a lease. The primary key admits one row per key; of concurrent inserts
 ///    exactly one succeeds, and the others wait for its lock and then fail with a duplicate
 ///    key (error 1062), whatever their snapshots said.

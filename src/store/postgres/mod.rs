@@ -58,10 +58,11 @@ use crate::Lease;
 ///     ON "idempotency_records" (expires_at);
 /// ```
 ///
-/// Keys, fingerprints and tokens are the raw bytes of [`StoreKey`], [`Fingerprint`](super::Fingerprint) and
-/// [`LeaseToken`](super::LeaseToken); responses use the compact binary [`StoredResponse::encode`] format, so binary
-/// bodies and non-UTF-8 header values are kept exactly. You may create the table yourself
-/// (with your migration tool) instead of calling `migrate`, as long as it has these columns.
+/// Keys, fingerprints and tokens are the raw bytes of [`StoreKey`],
+/// [`Fingerprint`](super::Fingerprint) and [`LeaseToken`](super::LeaseToken); responses use the
+/// compact binary [`StoredResponse::encode`] format, so binary bodies and non-UTF-8 header values
+/// are kept exactly. You may create the table yourself (with your migration tool) instead of
+/// calling `migrate`, as long as it has these columns.
 ///
 /// # Round trips
 ///
@@ -229,8 +230,8 @@ impl PostgresStore {
     /// `postgres://user@host:5432/database`, see [`sqlx::postgres::PgConnectOptions`]) and
     /// returns a store on it, as [`new`](Self::new) does.
     ///
-    /// Errors with [`StoreErrorKind::Unavailable`](super::StoreErrorKind::Unavailable) (the sqlx error as its source) when the URL
-    /// is invalid or no connection can be made.
+    /// Errors with [`StoreErrorKind::Unavailable`](super::StoreErrorKind::Unavailable) (the sqlx
+    /// error as its source) when the URL is invalid or no connection can be made.
     ///
     /// It opens one connection first, so that a database that cannot be reached fails at once
     /// with the driver's cause (connection refused, authentication failed, no such database)
@@ -275,8 +276,8 @@ impl PostgresStore {
     /// transaction-level advisory lock derived from the table name, so concurrent calls do not
     /// trip over each other, and it changes nothing when the table exists.
     ///
-    /// Errors with [`StoreErrorKind::Unavailable`](super::StoreErrorKind::Unavailable) when the database fails (for example, the
-    /// role may not create tables).
+    /// Errors with [`StoreErrorKind::Unavailable`](super::StoreErrorKind::Unavailable) when the
+    /// database fails (for example, the role may not create tables).
     pub async fn migrate(&self) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await.map_err(StoreError::unavailable)?;
         sqlx::query("SELECT pg_advisory_xact_lock(hashtext('tower_idempotency.migrate.' || $1))")
@@ -304,8 +305,8 @@ impl PostgresStore {
     /// Expired records are never returned even before they are deleted; this only reclaims
     /// space. An owner whose expired lease was deleted gets `Ok(false)` from `complete`.
     ///
-    /// Errors with [`StoreErrorKind::Unavailable`](super::StoreErrorKind::Unavailable) when the database fails; batches deleted
-    /// before the failure stay deleted.
+    /// Errors with [`StoreErrorKind::Unavailable`](super::StoreErrorKind::Unavailable) when the
+    /// database fails; batches deleted before the failure stay deleted.
     pub async fn delete_expired(&self) -> Result<u64, StoreError> {
         let mut deleted = 0;
         loop {

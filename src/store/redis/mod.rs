@@ -34,11 +34,11 @@ const DEFAULT_PREFIX: &str = "idempotency:";
 ///
 /// One server ([`open`](Self::open), on the `redis` crate's [`ConnectionManager`], which
 /// multiplexes calls over one connection and reconnects by itself) or a Redis Cluster
-/// ([`open_cluster`](Self::open_cluster), feature `redis-cluster`, on the crate's cluster
-/// client, which follows `MOVED` and `ASK` and refreshes its slot map after a failover).
-/// While Redis cannot be reached, calls fail with [`StoreErrorKind::Unavailable`](super::StoreErrorKind::Unavailable) (the driver
-/// error is the [`source`](std::error::Error::source): "connection refused", a `MOVED` reply,
-/// an I/O error) and the layer answers `503` (see [`StoreFailure`](crate::StoreFailure)).
+/// ([`open_cluster`](Self::open_cluster), feature `redis-cluster`, on the crate's cluster client,
+/// which follows `MOVED` and `ASK` and refreshes its slot map after a failover). While Redis cannot
+/// be reached, calls fail with [`StoreErrorKind::Unavailable`](super::StoreErrorKind::Unavailable)
+/// (the driver error is the [`source`](std::error::Error::source): "connection refused", a `MOVED`
+/// reply, an I/O error) and the layer answers `503` (see [`StoreFailure`](crate::StoreFailure)).
 /// Needs Redis 5 or later (or Valkey).
 ///
 /// ```no_run
@@ -261,17 +261,17 @@ impl RedisStore {
     }
 
     /// Connects to `url` (`redis://[user:password@]host:port/db`, `rediss://` for TLS when the
-    /// `redis` crate has a TLS feature enabled) with a [`ConnectionManager`] of default
-    /// settings except for the response timeout, which is off (the layer's store timeout
-    /// governs), reads the server's persistence settings ([`check_durability`](Self::check_durability)),
-    /// and returns a store with the default prefix.
+    /// `redis` crate has a TLS feature enabled) with a [`ConnectionManager`] of default settings
+    /// except for the response timeout, which is off (the layer's store timeout governs), reads the
+    /// server's persistence settings ([`check_durability`](Self::check_durability)), and returns a
+    /// store with the default prefix.
     ///
-    /// Returns once connected. Errors with [`StoreErrorKind::Unavailable`](super::StoreErrorKind::Unavailable), the driver error as
-    /// its source, if the URL is invalid, or if the server cannot be reached within the
-    /// connection manager's retries (6 tries, 100 ms apart doubling to at most
-    /// 500 ms, each with the driver's connection timeout; build a
-    /// [`ConnectionManager`] with your own `ConnectionManagerConfig` and use
-    /// [`new`](Self::new) to choose otherwise). Neither the error's message nor its source
+    /// Returns once connected. Errors with
+    /// [`StoreErrorKind::Unavailable`](super::StoreErrorKind::Unavailable), the driver error as its
+    /// source, if the URL is invalid, or if the server cannot be reached within the connection
+    /// manager's retries (6 tries, 100 ms apart doubling to at most 500 ms, each with the driver's
+    /// connection timeout; build a [`ConnectionManager`] with your own `ConnectionManagerConfig`
+    /// and use [`new`](Self::new) to choose otherwise). Neither the error's message nor its source
     /// contains the URL.
     ///
     /// The same retries reconnect a connection that broke: with the pause between tries capped
@@ -312,8 +312,8 @@ impl RedisStore {
     /// Each record is one key, and each call one script on that key, so each call goes to the
     /// master that holds the key's slot; after a failover the client refreshes its slot map and
     /// follows `MOVED`, with no restart of the application. Errors with
-    /// [`StoreErrorKind::Unavailable`](super::StoreErrorKind::Unavailable) (driver error as source) if a URL is invalid or no seed
-    /// node answers.
+    /// [`StoreErrorKind::Unavailable`](super::StoreErrorKind::Unavailable) (driver error as source)
+    /// if a URL is invalid or no seed node answers.
     #[cfg(feature = "redis-cluster")]
     #[cfg_attr(docsrs, doc(cfg(feature = "redis-cluster")))]
     pub async fn open_cluster<S: AsRef<str>>(
@@ -390,14 +390,15 @@ impl RedisStore {
     /// When fewer than `replicas` acknowledge within `timeout`:
     ///
     /// - `begin` that took a lease releases it (token-checked, so only its own lease) and fails
-    ///   with [`StoreErrorKind::Unavailable`](super::StoreErrorKind::Unavailable): the request is answered `503` and its handler
-    ///   does not run, so nothing runs on a lease a failover could forget.
-    /// - `complete` fails with [`StoreErrorKind::Unavailable`](super::StoreErrorKind::Unavailable); the response is stored on the
-    ///   master, and the layer tries `complete` again. That repeated `complete` by the same
-    ///   owner (same token) waits again and returns `Ok(true)` once acknowledged; this is the
-    ///   one place where this store answers a second `complete` with the same token `true`
-    ///   (without `wait_replicas` it answers `false`, as the store contract says), and it
-    ///   changes nothing in the record.
+    ///   with [`StoreErrorKind::Unavailable`](super::StoreErrorKind::Unavailable): the request is
+    ///   answered `503` and its handler does not run, so nothing runs on a lease a failover could
+    ///   forget.
+    /// - `complete` fails with [`StoreErrorKind::Unavailable`](super::StoreErrorKind::Unavailable);
+    ///   the response is stored on the master, and the layer tries `complete` again. That repeated
+    ///   `complete` by the same owner (same token) waits again and returns `Ok(true)` once
+    ///   acknowledged; this is the one place where this store answers a second `complete` with the
+    ///   same token `true` (without `wait_replicas` it answers `false`, as the store contract
+    ///   says), and it changes nothing in the record.
     ///
     /// The source of either error says how many replicas acknowledged. A `begin` that finds
     /// the record in flight or completed does not fail for missing acknowledgements.
