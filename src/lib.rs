@@ -78,6 +78,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod begin;
+mod canonical_json;
 mod capture;
 mod config;
 mod drain;

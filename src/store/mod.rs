@@ -54,7 +54,11 @@ mod mysql;
 pub use self::mysql::MySqlStore;
 
 #[cfg(any(feature = "postgres", feature = "mysql"))]
+mod sql;
+#[cfg(any(feature = "postgres", feature = "mysql"))]
 mod table_name;
+#[cfg(any(feature = "redis", feature = "postgres"))]
+mod wait;
 #[cfg(any(feature = "postgres", feature = "mysql"))]
 pub use table_name::TableNameError;
 

@@ -3,39 +3,93 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
+use sqlx::{AssertSqlSafe, MySql};
 
-use super::*;
+use super::{
+    MySqlStore,
+    locks::{
+        ER_DUP_ENTRY, LOCK_RETRIES, error_number, is_lock_conflict, lock_backoff, log_lock_retry,
+        with_lock_retries,
+    },
+};
+use crate::store::{
+    Begin, Fingerprint, IdempotencyStore, LeaseToken, StoreError, StoreErrorKind, StoreKey,
+    StoredResponse,
+    sql::{self, micros},
+};
 
-/// Reads the row of the `read` statement: the live record it holds, or `None` when its
-/// deadline has passed.
-pub(super) fn live_record(row: &MySqlRow) -> Result<Option<Begin>, StoreError> {
-    let remaining_us: i64 = row.try_get("remaining_us").map_err(corrupt)?;
-    if remaining_us <= 0 {
-        return Ok(None);
+/// How many passes `begin` makes when concurrent writers on the same key keep changing the
+/// record between its read and its write (see the type docs). Each further pass needs another
+/// commit on that very key, so this is never reached in practice.
+const BEGIN_ATTEMPTS: usize = 16;
+
+/// Why one pass of `begin` did not decide.
+enum Pass {
+    /// The record changed between the read and the write: read again.
+    Raced,
+    /// InnoDB rolled the write back (deadlock, lock wait timeout).
+    Failed(sqlx::Error),
+}
+
+impl MySqlStore {
+    pub(super) fn complete_query<'q>(
+        &self,
+        key: &'q StoreKey,
+        token: LeaseToken,
+        response: Vec<u8>,
+        ttl: Duration,
+    ) -> sqlx::query::Query<'q, MySql, sqlx::mysql::MySqlArguments> {
+        sqlx::query(AssertSqlSafe(self.sql.complete.clone()))
+            .bind(response)
+            .bind(micros(ttl))
+            .bind(&key.0[..])
+            .bind(token.to_bytes().to_vec())
     }
-    let fingerprint: &[u8] = row.try_get("fingerprint").map_err(corrupt)?;
-    let fingerprint = Fingerprint(
-        fingerprint
-            .try_into()
-            .map_err(|_| corrupt("a fingerprint is 32 bytes"))?,
-    );
-    let state: &str = row.try_get("state").map_err(corrupt)?;
-    match state {
-        "in_flight" => Ok(Some(Begin::InFlight {
-            fingerprint,
-            lease_remaining: Duration::from_micros(remaining_us as u64),
-        })),
-        "completed" => {
-            let bytes: &[u8] = row.try_get("response").map_err(corrupt)?;
-            Ok(Some(Begin::Completed {
-                fingerprint,
-                response: StoredResponse::decode(bytes)?,
-            }))
+
+    /// One pass of `begin`: read, and if there is no live record, try to write a lease.
+    async fn try_begin(
+        &self,
+        key: &StoreKey,
+        fingerprint: &Fingerprint,
+        token: LeaseToken,
+        lease: i64,
+    ) -> Result<Result<Begin, Pass>, StoreError> {
+        let row = sqlx::query(AssertSqlSafe(self.sql.read.clone()))
+            .bind(&key.0[..])
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(StoreError::unavailable)?;
+        let written = match row {
+            Some(row) => {
+                if let Some(live) = sql::live_record(&row)? {
+                    return Ok(Ok(live));
+                }
+                // Expired: take it over if it still is, on its latest committed version.
+                sqlx::query(AssertSqlSafe(self.sql.take_over.clone()))
+                    .bind(&fingerprint.0[..])
+                    .bind(&token.to_bytes()[..])
+                    .bind(lease)
+                    .bind(&key.0[..])
+                    .execute(&self.pool)
+                    .await
+                    .map(|done| done.rows_affected() == 1)
+            }
+            None => sqlx::query(AssertSqlSafe(self.sql.insert.clone()))
+                .bind(&key.0[..])
+                .bind(&fingerprint.0[..])
+                .bind(&token.to_bytes()[..])
+                .bind(lease)
+                .execute(&self.pool)
+                .await
+                .map(|_| true),
+        };
+        match written {
+            Ok(true) => Ok(Ok(Begin::Acquired(token))),
+            Ok(false) => Ok(Err(Pass::Raced)),
+            Err(error) if error_number(&error) == Some(ER_DUP_ENTRY) => Ok(Err(Pass::Raced)),
+            Err(error) if is_lock_conflict(&error) => Ok(Err(Pass::Failed(error))),
+            Err(error) => Err(StoreError::unavailable(error)),
         }
-        _ => Err(StoreError::new(
-            StoreErrorKind::Corrupt,
-            "stored record has an unknown state",
-        )),
     }
 }
 

@@ -1,12 +1,22 @@
-//! InnoDB lock conflicts (deadlocks, lock wait timeouts) and retrying a statement they rolled
-//! back.
+//! InnoDB's error numbers, lock conflicts (deadlocks, lock wait timeouts) and retrying a
+//! statement they rolled back.
 
 use std::{future::Future, time::Duration};
 
 use sqlx::mysql::MySqlDatabaseError;
 
-use super::{ER_LOCK_DEADLOCK, ER_LOCK_WAIT_TIMEOUT, LOCK_RETRIES};
 use crate::store::LeaseToken;
+
+/// How many times a statement of the store's own is run again after InnoDB rolled it back
+/// for a deadlock (error 1213) or a lock wait timeout (error 1205), per call.
+pub(super) const LOCK_RETRIES: u32 = 10;
+
+/// `ER_DUP_ENTRY`: the primary key is taken.
+pub(super) const ER_DUP_ENTRY: u16 = 1062;
+/// `ER_LOCK_WAIT_TIMEOUT`: the statement waited `innodb_lock_wait_timeout` for a row lock.
+const ER_LOCK_WAIT_TIMEOUT: u16 = 1205;
+/// `ER_LOCK_DEADLOCK`: InnoDB chose this transaction as a deadlock's victim and rolled it back.
+const ER_LOCK_DEADLOCK: u16 = 1213;
 
 /// The MySQL error number of `error`, when the server answered with an error.
 pub(super) fn error_number(error: &sqlx::Error) -> Option<u16> {

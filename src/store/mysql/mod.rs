@@ -2,7 +2,7 @@
 
 use std::{fmt, sync::Arc, time::Duration};
 
-use sqlx::{AssertSqlSafe, Executor, MySql, MySqlPool, Row, mysql::MySqlRow};
+use sqlx::{AssertSqlSafe, Executor, MySql, MySqlConnection, MySqlPool};
 use tokio::task::JoinHandle;
 
 mod calls;
@@ -10,43 +10,21 @@ mod locks;
 mod statements;
 mod transaction;
 
-use super::table_name::{TableNameError, validate_table_name};
-use calls::live_record;
-use locks::{error_number, is_lock_conflict, lock_backoff, log_lock_retry, with_lock_retries};
+use locks::with_lock_retries;
 use statements::Statements;
 
 use super::{
-    Begin, Fingerprint, IdempotencyStore, LeaseToken, StoreError, StoreErrorKind, StoreKey,
-    StoredResponse,
+    StoreError, StoreErrorKind, StoreKey, StoredResponse,
+    sql::{self, DEFAULT_TABLE, SqlStore},
+    table_name::{TableNameError, validate_table_name},
 };
-
-/// The table name used unless [`MySqlStore::with_table_name`] says otherwise.
-const DEFAULT_TABLE: &str = "idempotency_records";
-
-/// Durations longer than this (100 years) are clamped to it, to stay within `DATETIME`.
-const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
-
-/// How many passes `begin` makes when concurrent writers on the same key keep changing the
-/// record between its read and its write (see the type docs). Each further pass needs another
-/// commit on that very key, so this is never reached in practice.
-const BEGIN_ATTEMPTS: usize = 16;
-
-/// How many times a statement of the store's own is run again after InnoDB rolled it back
-/// for a deadlock (error 1213) or a lock wait timeout (error 1205), per call.
-const LOCK_RETRIES: u32 = 10;
+use crate::Lease;
 
 /// The most rows [`MySqlStore::cleanup_batch`] accepts: the placeholders of one `DELETE`.
 const MAX_CLEANUP_BATCH: u32 = 10_000;
 
 /// How long [`MySqlStore::migrate`] waits for a concurrent migration's lock, in seconds.
 const MIGRATE_LOCK_SECS: i64 = 60;
-
-/// `ER_DUP_ENTRY`: the primary key is taken.
-const ER_DUP_ENTRY: u16 = 1062;
-/// `ER_LOCK_WAIT_TIMEOUT`: the statement waited `innodb_lock_wait_timeout` for a row lock.
-const ER_LOCK_WAIT_TIMEOUT: u16 = 1205;
-/// `ER_LOCK_DEADLOCK`: InnoDB chose this transaction as a deadlock's victim and rolled it back.
-const ER_LOCK_DEADLOCK: u16 = 1213;
 
 /// A store in a MySQL or MariaDB table (InnoDB), shared by every instance of a service that
 /// uses the same database. Built on an [`sqlx`] [`MySqlPool`]; cloning is cheap and clones
@@ -91,27 +69,27 @@ const ER_LOCK_DEADLOCK: u16 = 1213;
 /// ) ENGINE = InnoDB;
 /// ```
 ///
-/// Keys, fingerprints and tokens are the raw bytes of [`StoreKey`], [`Fingerprint`] and
-/// [`LeaseToken`]; responses use the compact binary [`StoredResponse::encode`] format, so binary
-/// bodies and non-UTF-8 header values are kept exactly. A response larger than the server's
-/// `max_allowed_packet` (16 MiB by default on MariaDB, 64 MiB on MySQL 8) cannot be stored:
-/// `complete` fails with [`StoreErrorKind::Unavailable`]. Times are `DATETIME(6)` in UTC
-/// (`UTC_TIMESTAMP(6)`), so the session's `time_zone` does not matter. You may create the table
-/// yourself (with your migration tool) instead of calling `migrate`, as long as it has these
-/// columns, this primary key and `ENGINE = InnoDB`: the atomicity below rests on InnoDB's row
-/// locks.
+/// Keys, fingerprints and tokens are the raw bytes of [`StoreKey`],
+/// [`Fingerprint`](super::Fingerprint) and [`LeaseToken`](super::LeaseToken); responses use the
+/// compact binary [`StoredResponse::encode`] format, so binary bodies and non-UTF-8 header values
+/// are kept exactly. A response larger than the server's `max_allowed_packet` (16 MiB by default on
+/// MariaDB, 64 MiB on MySQL 8) cannot be stored: `complete` fails with
+/// [`StoreErrorKind::Unavailable`]. Times are `DATETIME(6)` in UTC (`UTC_TIMESTAMP(6)`), so the
+/// session's `time_zone` does not matter. You may create the table yourself (with your migration
+/// tool) instead of calling `migrate`, as long as it has these columns, this primary key and
+/// `ENGINE = InnoDB`: the atomicity below rests on InnoDB's row locks.
 ///
 /// # Round trips
 ///
 /// | call | statements | round trips | writes |
 /// |---|---|---|---|
-/// | [`begin`](IdempotencyStore::begin), replay or in flight | a plain `SELECT` of the key's row | 1 | nothing (no lock either) |
-/// | [`begin`](IdempotencyStore::begin), new key | `SELECT`, then `INSERT` | 2 | one row |
-/// | [`begin`](IdempotencyStore::begin), expired or released key | `SELECT`, then `UPDATE ... WHERE <expired>` | 2 | one row |
-/// | [`renew`](IdempotencyStore::renew) | one token-checked `UPDATE` | 1 | one row |
-/// | [`complete`](IdempotencyStore::complete) | one token-checked `UPDATE` | 1 | one row |
+/// | [`begin`](super::IdempotencyStore::begin), replay or in flight | a plain `SELECT` of the key's row | 1 | nothing (no lock either) |
+/// | [`begin`](super::IdempotencyStore::begin), new key | `SELECT`, then `INSERT` | 2 | one row |
+/// | [`begin`](super::IdempotencyStore::begin), expired or released key | `SELECT`, then `UPDATE ... WHERE <expired>` | 2 | one row |
+/// | [`renew`](super::IdempotencyStore::renew) | one token-checked `UPDATE` | 1 | one row |
+/// | [`complete`](super::IdempotencyStore::complete) | one token-checked `UPDATE` | 1 | one row |
 /// | [`complete_in`](Self::complete_in) | the same `UPDATE`, in your transaction | 1 | one row, committed with yours |
-/// | [`release`](IdempotencyStore::release) | one token-checked `UPDATE` | 1 | one row |
+/// | [`release`](super::IdempotencyStore::release) | one token-checked `UPDATE` | 1 | one row |
 /// | [`delete_expired`](Self::delete_expired) | per batch: `SET TRANSACTION`, `BEGIN`, `SELECT ... FOR UPDATE SKIP LOCKED`, `DELETE`, `COMMIT` | 5 per [`cleanup_batch`](Self::cleanup_batch) rows | the expired rows |
 /// | [`migrate`](Self::migrate) | `GET_LOCK`, `CREATE TABLE IF NOT EXISTS`, `RELEASE_LOCK` | 3 | DDL, once |
 ///
@@ -126,11 +104,11 @@ const ER_LOCK_DEADLOCK: u16 = 1213;
 /// InnoDB's exclusive row lock. Step by step, each statement in autocommit mode, at the default
 /// REPEATABLE READ:
 ///
-/// 1. A plain `SELECT` of the key's row. In autocommit mode every statement is its own
-///    transaction with a fresh consistent snapshot, so it sees every commit made before it
-///    started. A row whose deadline (`expires_at`, on the server's clock) has not passed is
-///    reported as it is, [`Begin::InFlight`] or [`Begin::Completed`]: a correct answer as of
-///    that snapshot, given without taking any lock or writing anything.
+/// 1. A plain `SELECT` of the key's row. In autocommit mode every statement is its own transaction
+///    with a fresh consistent snapshot, so it sees every commit made before it started. A row whose
+///    deadline (`expires_at`, on the server's clock) has not passed is reported as it is,
+///    [`Begin::InFlight`](super::Begin::InFlight) or [`Begin::Completed`](super::Begin::Completed):
+///    a correct answer as of that snapshot, given without taking any lock or writing anything.
 /// 2. No row: `INSERT` a lease. The primary key admits one row per key; of concurrent inserts
 ///    exactly one succeeds, and the others wait for its lock and then fail with a duplicate
 ///    key (error 1062), whatever their snapshots said.
@@ -142,7 +120,7 @@ const ER_LOCK_DEADLOCK: u16 = 1213;
 /// 4. A write that found its assumption outdated (a duplicate key, or 0 rows) means another
 ///    writer committed on this key in between: `begin` starts again at step 1, whose new
 ///    snapshot sees that commit. Only a write that inserted or changed the row reports
-///    [`Begin::Acquired`], with the token it wrote.
+///    [`Begin::Acquired`](super::Begin::Acquired), with the token it wrote.
 ///
 /// So of any number of concurrent `begin` calls on one key, exactly one acquires. The argument
 /// holds at REPEATABLE READ (the default, and what the tests run) and at READ COMMITTED, since
@@ -165,7 +143,7 @@ const ER_LOCK_DEADLOCK: u16 = 1213;
 /// call fails with [`StoreErrorKind::Unavailable`].
 ///
 /// Waiting duplicates ([`InFlight::Wait`](crate::InFlight::Wait)) poll `begin` with the
-/// layer's backoff (the default [`wait`](IdempotencyStore::wait)).
+/// layer's backoff (the default [`wait`](super::IdempotencyStore::wait)).
 ///
 /// # Expiry and clocks
 ///
@@ -177,7 +155,7 @@ const ER_LOCK_DEADLOCK: u16 = 1213;
 ///
 /// A lease past its expiry that nobody has taken over still belongs to its token, so a slow
 /// owner can still `complete` (finishing late is better than running twice), as with
-/// [`MemoryStore`](super::MemoryStore). [`release`](IdempotencyStore::release) does not
+/// [`MemoryStore`](super::MemoryStore). [`release`](super::IdempotencyStore::release) does not
 /// delete the row: it ends the lease (its deadline set to the past, its token replaced by one
 /// nobody holds), so that the next `begin` takes the row over with an `UPDATE`, which queues
 /// on the row lock, rather than inserting where a row is being deleted, the case in which
@@ -215,15 +193,6 @@ pub struct MySqlStore {
     cleanup_batch: u32,
 }
 
-/// A duration as whole microseconds, clamped to [`MAX_DURATION`].
-pub(super) fn micros(duration: Duration) -> i64 {
-    duration.min(MAX_DURATION).as_micros() as i64
-}
-
-pub(super) fn corrupt(source: impl Into<super::BoxError>) -> StoreError {
-    StoreError::new(StoreErrorKind::Corrupt, "stored record is corrupt").with_source(source)
-}
-
 impl fmt::Debug for MySqlStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MySqlStore")
@@ -231,14 +200,6 @@ impl fmt::Debug for MySqlStore {
             .field("cleanup_batch", &self.cleanup_batch)
             .finish_non_exhaustive()
     }
-}
-
-/// Why one pass of `begin` did not decide.
-enum Pass {
-    /// The record changed between the read and the write: read again.
-    Raced,
-    /// InnoDB rolled the write back (deadlock, lock wait timeout).
-    Failed(sqlx::Error),
 }
 
 impl MySqlStore {
@@ -263,16 +224,7 @@ impl MySqlStore {
     /// with the driver's cause (connection refused, access denied, unknown database) instead
     /// of a pool timeout 30 s later.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        use sqlx::{
-            ConnectOptions, Connection,
-            mysql::{MySqlConnectOptions, MySqlPoolOptions},
-        };
-
-        let options: MySqlConnectOptions = url.parse().map_err(StoreError::unavailable)?;
-        let first = options.connect().await.map_err(StoreError::unavailable)?;
-        let _ = first.close().await;
-        let pool = MySqlPoolOptions::new().connect_lazy_with(options);
-        Ok(Self::new(pool))
+        Ok(Self::new(sql::connect(url).await?))
     }
 
     /// Keeps the records in the table `name` instead of `idempotency_records` (the index is
@@ -401,87 +353,43 @@ impl MySqlStore {
     ///
     /// Outside a tokio runtime, or if `period` is zero.
     pub fn spawn_cleanup(&self, period: Duration) -> JoinHandle<()> {
-        let store = self.clone();
-        let mut tick = tokio::time::interval(period);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tokio::spawn(async move {
-            loop {
-                tick.tick().await;
-                match store.delete_expired().await {
-                    Ok(deleted) => tracing::debug!(
-                        target: "tower_idempotency",
-                        table = store.table_name(),
-                        deleted,
-                        "deleted expired idempotency records"
-                    ),
-                    Err(error) => tracing::warn!(
-                        target: "tower_idempotency",
-                        table = store.table_name(),
-                        %error,
-                        "deleting expired idempotency records failed"
-                    ),
-                }
-            }
-        })
+        sql::spawn_cleanup(self, period)
+    }
+}
+
+impl SqlStore for MySqlStore {
+    type Database = MySql;
+    const NAME: &'static str = "MySqlStore";
+
+    fn table(&self) -> &str {
+        &self.sql.table
     }
 
-    fn complete_query<'q>(
-        &self,
-        key: &'q StoreKey,
-        token: LeaseToken,
-        response: Vec<u8>,
-        ttl: Duration,
-    ) -> sqlx::query::Query<'q, MySql, sqlx::mysql::MySqlArguments> {
-        sqlx::query(AssertSqlSafe(self.sql.complete.clone()))
-            .bind(response)
-            .bind(micros(ttl))
-            .bind(&key.0[..])
-            .bind(token.to_bytes().to_vec())
+    async fn delete_expired_records(&self) -> Result<u64, StoreError> {
+        self.delete_expired().await
     }
 
-    /// One pass of `begin`: read, and if there is no live record, try to write a lease.
-    async fn try_begin(
+    async fn complete_on(
         &self,
+        conn: &mut MySqlConnection,
+        lease: &Lease,
+        stored: &StoredResponse,
+    ) -> Result<bool, StoreError> {
+        self.complete_in(conn, lease, stored).await
+    }
+
+    async fn record_exists(
+        &self,
+        conn: &mut MySqlConnection,
         key: &StoreKey,
-        fingerprint: &Fingerprint,
-        token: LeaseToken,
-        lease: i64,
-    ) -> Result<Result<Begin, Pass>, StoreError> {
-        let row = sqlx::query(AssertSqlSafe(self.sql.read.clone()))
+    ) -> Result<bool, sqlx::Error> {
+        let sql = format!(
+            "SELECT EXISTS (SELECT 1 FROM `{}` WHERE `key` = ?)",
+            self.table_name()
+        );
+        sqlx::query_scalar(AssertSqlSafe(sql))
             .bind(&key.0[..])
-            .fetch_optional(&self.pool)
+            .fetch_one(conn)
             .await
-            .map_err(StoreError::unavailable)?;
-        let written = match row {
-            Some(row) => {
-                if let Some(live) = live_record(&row)? {
-                    return Ok(Ok(live));
-                }
-                // Expired: take it over if it still is, on its latest committed version.
-                sqlx::query(AssertSqlSafe(self.sql.take_over.clone()))
-                    .bind(&fingerprint.0[..])
-                    .bind(&token.to_bytes()[..])
-                    .bind(lease)
-                    .bind(&key.0[..])
-                    .execute(&self.pool)
-                    .await
-                    .map(|done| done.rows_affected() == 1)
-            }
-            None => sqlx::query(AssertSqlSafe(self.sql.insert.clone()))
-                .bind(&key.0[..])
-                .bind(&fingerprint.0[..])
-                .bind(&token.to_bytes()[..])
-                .bind(lease)
-                .execute(&self.pool)
-                .await
-                .map(|_| true),
-        };
-        match written {
-            Ok(true) => Ok(Ok(Begin::Acquired(token))),
-            Ok(false) => Ok(Err(Pass::Raced)),
-            Err(error) if error_number(&error) == Some(ER_DUP_ENTRY) => Ok(Err(Pass::Raced)),
-            Err(error) if is_lock_conflict(&error) => Ok(Err(Pass::Failed(error))),
-            Err(error) => Err(StoreError::unavailable(error)),
-        }
     }
 }

@@ -7,7 +7,7 @@ use sqlx::{Executor, MySql, Transaction};
 use super::MySqlStore;
 use crate::{
     Lease, TransactionalError,
-    store::{StoreError, StoredResponse},
+    store::{StoreError, StoredResponse, sql},
 };
 
 impl MySqlStore {
@@ -64,48 +64,10 @@ impl MySqlStore {
     /// each case.
     pub async fn complete_in_transaction(
         &self,
-        mut tx: Transaction<'_, MySql>,
+        tx: Transaction<'_, MySql>,
         lease: &Lease,
         response: impl IntoResponse,
     ) -> Result<Response<Body>, TransactionalError> {
-        let stored = lease
-            .capture(response)
-            .await
-            .map_err(TransactionalError::Capture)?;
-        match self.complete_in(&mut *tx, lease, &stored).await {
-            Ok(true) => {}
-            Ok(false) => {
-                self.explain_refusal(&mut tx, lease).await;
-                let _ = tx.rollback().await;
-                return Err(TransactionalError::LeaseLost);
-            }
-            Err(error) => return Err(TransactionalError::Database(error)),
-        }
-        tx.commit()
-            .await
-            .map_err(|error| TransactionalError::Database(StoreError::unavailable(error)))?;
-        Ok(lease.committed(&stored))
-    }
-
-    /// After a refused completion: a lease with no record at all means the layer keeps its
-    /// records elsewhere (another store, another table); say so in the log.
-    async fn explain_refusal(&self, conn: &mut sqlx::MySqlConnection, lease: &Lease) {
-        let sql = format!(
-            "SELECT EXISTS (SELECT 1 FROM `{}` WHERE `key` = ?)",
-            self.table_name()
-        );
-        let exists: Result<bool, _> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
-            .bind(&lease.store_key().0[..])
-            .fetch_one(conn)
-            .await;
-        if let Ok(false) = exists {
-            tracing::error!(
-                target: "tower_idempotency",
-                table = self.table_name(),
-                "a handler's lease has no idempotency record in this table: the layer keeps its \
-                 records in another store or table. Give the layer this same MySqlStore \
-                 (IdempotencyLayer::store), or every such request is refused with 409"
-            );
-        }
+        sql::complete_in_transaction(self, tx, lease, response).await
     }
 }

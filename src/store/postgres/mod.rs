@@ -2,36 +2,23 @@
 
 use std::{fmt, sync::Arc, time::Duration};
 
-use async_trait::async_trait;
-use sqlx::{
-    AssertSqlSafe, PgPool, Row,
-    postgres::{PgPoolOptions, PgRow},
-};
+use sqlx::{AssertSqlSafe, PgConnection, PgPool, Postgres, postgres::PgPoolOptions};
 use tokio::task::JoinHandle;
 
+mod calls;
 mod notify;
 mod statements;
 mod transaction;
 
-use super::table_name::{TableNameError, validate_table_name};
 use notify::Listener;
 use statements::Statements;
 
 use super::{
-    Begin, Fingerprint, IdempotencyStore, LeaseToken, StoreError, StoreErrorKind, StoreKey,
-    StoredResponse,
+    StoreError, StoreKey, StoredResponse,
+    sql::{self, DEFAULT_TABLE, SqlStore},
+    table_name::{TableNameError, validate_table_name},
 };
-
-/// The table name used unless [`PostgresStore::with_table_name`] says otherwise.
-const DEFAULT_TABLE: &str = "idempotency_records";
-
-/// Durations longer than this (100 years) are clamped to it, to stay within `timestamptz`.
-const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
-
-/// How many times `begin` runs its statement when concurrent writers on the same key keep
-/// committing between its snapshot and its conflict check (see the type docs). Each rerun
-/// needs another commit on that very key, so this is never reached in practice.
-const BEGIN_ATTEMPTS: usize = 16;
+use crate::Lease;
 
 /// A store in a PostgreSQL table, shared by every instance of a service that uses the same
 /// database. Built on an [`sqlx`] [`PgPool`]; cloning is cheap and clones share the pool.
@@ -71,21 +58,22 @@ const BEGIN_ATTEMPTS: usize = 16;
 ///     ON "idempotency_records" (expires_at);
 /// ```
 ///
-/// Keys, fingerprints and tokens are the raw bytes of [`StoreKey`], [`Fingerprint`] and
-/// [`LeaseToken`]; responses use the compact binary [`StoredResponse::encode`] format, so binary
-/// bodies and non-UTF-8 header values are kept exactly. You may create the table yourself
-/// (with your migration tool) instead of calling `migrate`, as long as it has these columns.
+/// Keys, fingerprints and tokens are the raw bytes of [`StoreKey`],
+/// [`Fingerprint`](super::Fingerprint) and [`LeaseToken`](super::LeaseToken); responses use the
+/// compact binary [`StoredResponse::encode`] format, so binary bodies and non-UTF-8 header values
+/// are kept exactly. You may create the table yourself (with your migration tool) instead of
+/// calling `migrate`, as long as it has these columns.
 ///
 /// # Round trips
 ///
 /// | call | statement | round trips | writes |
 /// |---|---|---|---|
-/// | [`begin`](IdempotencyStore::begin), new or expired key | one statement: read the live row, else `INSERT ... ON CONFLICT (key) DO UPDATE ... WHERE <expired>` | 1 | one row |
-/// | [`begin`](IdempotencyStore::begin), replay or in flight | the same statement | 1 | nothing (a plain read) |
-/// | [`renew`](IdempotencyStore::renew) | one token-checked `UPDATE` | 1 | one row |
-/// | [`complete`](IdempotencyStore::complete) | one token-checked `UPDATE` (`pg_notify` in it when a request waits) | 1 | one row |
-/// | [`release`](IdempotencyStore::release) | one token-checked `DELETE` (the same) | 1 | one row |
-/// | [`wait`](IdempotencyStore::wait) | `LISTEN` on the listener connection, then `UPDATE ... SET waited = true` | 2 (`UNLISTEN` when the last waiter of the key leaves) | one row |
+/// | [`begin`](super::IdempotencyStore::begin), new or expired key | one statement: read the live row, else `INSERT ... ON CONFLICT (key) DO UPDATE ... WHERE <expired>` | 1 | one row |
+/// | [`begin`](super::IdempotencyStore::begin), replay or in flight | the same statement | 1 | nothing (a plain read) |
+/// | [`renew`](super::IdempotencyStore::renew) | one token-checked `UPDATE` | 1 | one row |
+/// | [`complete`](super::IdempotencyStore::complete) | one token-checked `UPDATE` (`pg_notify` in it when a request waits) | 1 | one row |
+/// | [`release`](super::IdempotencyStore::release) | one token-checked `DELETE` (the same) | 1 | one row |
+/// | [`wait`](super::IdempotencyStore::wait) | `LISTEN` on the listener connection, then `UPDATE ... SET waited = true` | 2 (`UNLISTEN` when the last waiter of the key leaves) | one row |
 /// | [`delete_expired`](Self::delete_expired) | one `DELETE` per batch | 1 per [`cleanup_batch`](Self::cleanup_batch) rows, plus 1 | the expired rows |
 /// | [`migrate`](Self::migrate) | a transaction: advisory lock, `CREATE TABLE`, `ALTER TABLE ... ADD COLUMN IF NOT EXISTS waited`, `CREATE INDEX` | 6 | DDL, once |
 ///
@@ -189,15 +177,6 @@ fn owner_pool(pool: &PgPool, connections: u32) -> PgPool {
         .connect_lazy_with((*pool.connect_options()).clone())
 }
 
-/// A duration as whole microseconds, clamped to [`MAX_DURATION`].
-fn micros(duration: Duration) -> i64 {
-    duration.min(MAX_DURATION).as_micros() as i64
-}
-
-fn corrupt(source: sqlx::Error) -> StoreError {
-    StoreError::new(StoreErrorKind::Corrupt, "stored record is corrupt").with_source(source)
-}
-
 impl fmt::Debug for PostgresStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PostgresStore")
@@ -251,20 +230,14 @@ impl PostgresStore {
     /// `postgres://user@host:5432/database`, see [`sqlx::postgres::PgConnectOptions`]) and
     /// returns a store on it, as [`new`](Self::new) does.
     ///
-    /// Errors with [`StoreErrorKind::Unavailable`] (the sqlx error as its source) when the URL
-    /// is invalid or no connection can be made.
+    /// Errors with [`StoreErrorKind::Unavailable`](super::StoreErrorKind::Unavailable) (the sqlx
+    /// error as its source) when the URL is invalid or no connection can be made.
     ///
     /// It opens one connection first, so that a database that cannot be reached fails at once
     /// with the driver's cause (connection refused, authentication failed, no such database)
     /// instead of a pool timeout 30 s later.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        use sqlx::{ConnectOptions, Connection, postgres::PgConnectOptions};
-
-        let options: PgConnectOptions = url.parse().map_err(StoreError::unavailable)?;
-        let first = options.connect().await.map_err(StoreError::unavailable)?;
-        let _ = first.close().await;
-        let pool = PgPoolOptions::new().connect_lazy_with(options);
-        Ok(Self::new(pool))
+        Ok(Self::new(sql::connect(url).await?))
     }
 
     /// Keeps the records in the table `name` instead of `idempotency_records` (the index is
@@ -303,8 +276,8 @@ impl PostgresStore {
     /// transaction-level advisory lock derived from the table name, so concurrent calls do not
     /// trip over each other, and it changes nothing when the table exists.
     ///
-    /// Errors with [`StoreErrorKind::Unavailable`] when the database fails (for example, the
-    /// role may not create tables).
+    /// Errors with [`StoreErrorKind::Unavailable`](super::StoreErrorKind::Unavailable) when the
+    /// database fails (for example, the role may not create tables).
     pub async fn migrate(&self) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await.map_err(StoreError::unavailable)?;
         sqlx::query("SELECT pg_advisory_xact_lock(hashtext('tower_idempotency.migrate.' || $1))")
@@ -332,8 +305,8 @@ impl PostgresStore {
     /// Expired records are never returned even before they are deleted; this only reclaims
     /// space. An owner whose expired lease was deleted gets `Ok(false)` from `complete`.
     ///
-    /// Errors with [`StoreErrorKind::Unavailable`] when the database fails; batches deleted
-    /// before the failure stay deleted.
+    /// Errors with [`StoreErrorKind::Unavailable`](super::StoreErrorKind::Unavailable) when the
+    /// database fails; batches deleted before the failure stay deleted.
     pub async fn delete_expired(&self) -> Result<u64, StoreError> {
         let mut deleted = 0;
         loop {
@@ -359,212 +332,43 @@ impl PostgresStore {
     ///
     /// Outside a tokio runtime, or if `period` is zero.
     pub fn spawn_cleanup(&self, period: Duration) -> JoinHandle<()> {
-        let store = self.clone();
-        let mut tick = tokio::time::interval(period);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tokio::spawn(async move {
-            loop {
-                tick.tick().await;
-                match store.delete_expired().await {
-                    Ok(deleted) => tracing::debug!(
-                        target: "tower_idempotency",
-                        table = store.table_name(),
-                        deleted,
-                        "deleted expired idempotency records"
-                    ),
-                    Err(error) => tracing::warn!(
-                        target: "tower_idempotency",
-                        table = store.table_name(),
-                        %error,
-                        "deleting expired idempotency records failed"
-                    ),
-                }
-            }
-        })
-    }
-
-    /// The `complete` statement for `key`, with its notification when [`notify`](Self::notify)
-    /// is on.
-    fn complete_query<'q>(
-        &self,
-        key: &'q StoreKey,
-        token: LeaseToken,
-        response: &StoredResponse,
-        ttl: Duration,
-    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
-        let sql = if self.notify {
-            &self.sql.complete_notify
-        } else {
-            &self.sql.complete
-        };
-        let query = sqlx::query(AssertSqlSafe(sql.clone()))
-            .bind(&key.0[..])
-            .bind(token.to_bytes().to_vec())
-            .bind(response.encode())
-            .bind(micros(ttl));
-        if self.notify {
-            query.bind(notify::channel(key))
-        } else {
-            query
-        }
-    }
-
-    /// Runs the `begin` statement once. `None`: the conflicting row was committed after the
-    /// statement's snapshot, so it could not be read; run it again.
-    async fn try_begin(
-        &self,
-        key: &StoreKey,
-        fingerprint: &Fingerprint,
-        token: LeaseToken,
-        lease: i64,
-    ) -> Result<Option<Begin>, StoreError> {
-        let row = sqlx::query(AssertSqlSafe(self.sql.begin.clone()))
-            .bind(&key.0[..])
-            .bind(&fingerprint.0[..])
-            .bind(&token.to_bytes()[..])
-            .bind(lease)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(StoreError::unavailable)?;
-        let Some(row) = row else {
-            // The key conflicted (so it was not absent) but its live row is not in our
-            // snapshot.
-            return Ok(None);
-        };
-        existing(&row, token)
+        sql::spawn_cleanup(self, period)
     }
 }
 
-/// Reads one row of the `begin` statement.
-fn existing(row: &PgRow, token: LeaseToken) -> Result<Option<Begin>, StoreError> {
-    if row.try_get::<bool, _>("acquired").map_err(corrupt)? {
-        return Ok(Some(Begin::Acquired(token)));
-    }
-    let remaining_us: i64 = row.try_get("remaining_us").map_err(corrupt)?;
-    if remaining_us <= 0 {
-        // `live` keeps rows with `expires_at > now()`; rounding to microseconds aside, this
-        // does not happen. Treat it as expired: run again.
-        return Ok(None);
-    }
-    let fingerprint = Fingerprint(row.try_get("fingerprint").map_err(corrupt)?);
-    let state: &str = row.try_get("state").map_err(corrupt)?;
-    match state {
-        "in_flight" => Ok(Some(Begin::InFlight {
-            fingerprint,
-            lease_remaining: Duration::from_micros(remaining_us as u64),
-        })),
-        "completed" => {
-            let bytes: &[u8] = row.try_get("response").map_err(corrupt)?;
-            Ok(Some(Begin::Completed {
-                fingerprint,
-                response: StoredResponse::decode(bytes)?,
-            }))
-        }
-        _ => Err(StoreError::new(
-            StoreErrorKind::Corrupt,
-            "stored record has an unknown state",
-        )),
-    }
-}
+impl SqlStore for PostgresStore {
+    type Database = Postgres;
+    const NAME: &'static str = "PostgresStore";
 
-#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
-#[async_trait]
-impl IdempotencyStore for PostgresStore {
-    async fn begin(
-        &self,
-        key: &StoreKey,
-        fingerprint: &Fingerprint,
-        lease: Duration,
-    ) -> Result<Begin, StoreError> {
-        let token = LeaseToken::random();
-        let lease = micros(lease);
-        for _ in 0..BEGIN_ATTEMPTS {
-            if let Some(outcome) = self.try_begin(key, fingerprint, token, lease).await? {
-                return Ok(outcome);
-            }
-        }
-        Err(StoreError::new(
-            StoreErrorKind::Unavailable,
-            "begin kept racing concurrent writers on the same key",
-        ))
+    fn table(&self) -> &str {
+        &self.sql.table
     }
 
-    async fn renew(
+    async fn delete_expired_records(&self) -> Result<u64, StoreError> {
+        self.delete_expired().await
+    }
+
+    async fn complete_on(
         &self,
-        key: &StoreKey,
-        token: LeaseToken,
-        lease: Duration,
+        conn: &mut PgConnection,
+        lease: &Lease,
+        stored: &StoredResponse,
     ) -> Result<bool, StoreError> {
-        let result = sqlx::query(AssertSqlSafe(self.sql.renew.clone()))
-            .bind(&key.0[..])
-            .bind(&token.to_bytes()[..])
-            .bind(micros(lease))
-            .execute(&self.owners)
-            .await
-            .map_err(StoreError::unavailable)?;
-        Ok(result.rows_affected() == 1)
+        self.complete_in(conn, lease, stored).await
     }
 
-    async fn complete(
+    async fn record_exists(
         &self,
+        conn: &mut PgConnection,
         key: &StoreKey,
-        token: LeaseToken,
-        response: &StoredResponse,
-        ttl: Duration,
-    ) -> Result<bool, StoreError> {
-        let result = self
-            .complete_query(key, token, response, ttl)
-            .execute(&self.owners)
+    ) -> Result<bool, sqlx::Error> {
+        let sql = format!(
+            "SELECT EXISTS (SELECT 1 FROM \"{}\" WHERE key = $1)",
+            self.table_name()
+        );
+        sqlx::query_scalar(AssertSqlSafe(sql))
+            .bind(&key.0[..])
+            .fetch_one(conn)
             .await
-            .map_err(StoreError::unavailable)?;
-        Ok(result.rows_affected() == 1)
-    }
-
-    async fn release(&self, key: &StoreKey, token: LeaseToken) -> Result<bool, StoreError> {
-        let mut release = if self.notify {
-            sqlx::query(AssertSqlSafe(self.sql.release_notify.clone()))
-        } else {
-            sqlx::query(AssertSqlSafe(self.sql.release.clone()))
-        };
-        release = release.bind(&key.0[..]).bind(&token.to_bytes()[..]);
-        if self.notify {
-            release = release.bind(notify::channel(key));
-        }
-        let result = release
-            .execute(&self.owners)
-            .await
-            .map_err(StoreError::unavailable)?;
-        Ok(result.rows_affected() == 1)
-    }
-
-    async fn wait(&self, key: &StoreKey, timeout: Duration) -> Result<(), StoreError> {
-        if !self.notify {
-            tokio::time::sleep(timeout).await;
-            return Ok(());
-        }
-        // Once listening: mark the lease as waited for, so that its `complete` or `release`
-        // notifies. No row: the record is no longer in flight.
-        let in_flight = async {
-            let marked = sqlx::query(AssertSqlSafe(self.sql.mark_waited.clone()))
-                .bind(&key.0[..])
-                .execute(&self.pool)
-                .await?;
-            Ok(marked.rows_affected() == 1)
-        };
-        self.listener
-            .wait(&notify::channel(key), in_flight, timeout)
-            .await;
-        Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations_are_microseconds_clamped() {
-        assert_eq!(micros(Duration::from_millis(1500)), 1_500_000);
-        assert_eq!(micros(Duration::MAX), micros(MAX_DURATION));
     }
 }

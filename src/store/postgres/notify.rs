@@ -18,7 +18,7 @@ use tokio::{
     time::Instant,
 };
 
-use crate::store::StoreKey;
+use crate::store::{StoreKey, wait};
 
 /// How many hex digits of the store key name a channel: 160 bits, so that the name
 /// (`idempotency_` and the digits, 52 bytes) fits PostgreSQL's 63-byte identifiers.
@@ -140,20 +140,7 @@ impl Listener {
             Err(_) => return,
         }
         // The record may have changed between the caller's `begin` and the `LISTEN`.
-        match tokio::time::timeout_at(deadline, in_flight).await {
-            Ok(Ok(true)) => {}
-            Ok(Ok(false)) => return,
-            Ok(Err(_)) => {
-                tokio::time::sleep_until(deadline).await;
-                return;
-            }
-            Err(_) => return,
-        }
-        tokio::select! {
-            _ = changed => {}
-            _ = disconnected => {}
-            _ = tokio::time::sleep_until(deadline) => {}
-        }
+        wait::until_changed(deadline, in_flight, changed, disconnected).await;
     }
 }
 

@@ -2,12 +2,12 @@
 
 use axum::{body::Body, response::IntoResponse};
 use http::Response;
-use sqlx::{AssertSqlSafe, PgConnection, Postgres, Transaction};
+use sqlx::{PgConnection, Postgres, Transaction};
 
 use super::PostgresStore;
 use crate::{
     Lease, TransactionalError,
-    store::{StoreError, StoredResponse},
+    store::{StoreError, StoredResponse, sql},
 };
 
 impl PostgresStore {
@@ -83,51 +83,10 @@ impl PostgresStore {
     /// Errors: see [`TransactionalError`]; `tx` is rolled back in each case.
     pub async fn complete_in_transaction(
         &self,
-        mut tx: Transaction<'_, Postgres>,
+        tx: Transaction<'_, Postgres>,
         lease: &Lease,
         response: impl IntoResponse,
     ) -> Result<Response<Body>, TransactionalError> {
-        let stored = lease
-            .capture(response)
-            .await
-            .map_err(TransactionalError::Capture)?;
-        match self.complete_in(&mut tx, lease, &stored).await {
-            Ok(true) => {}
-            Ok(false) => {
-                self.explain_refusal(&mut tx, lease).await;
-                // Dropping `tx` would roll back too; say it out loud.
-                let _ = tx.rollback().await;
-                return Err(TransactionalError::LeaseLost);
-            }
-            Err(error) => return Err(TransactionalError::Database(error)),
-        }
-        tx.commit()
-            .await
-            .map_err(|error| TransactionalError::Database(StoreError::unavailable(error)))?;
-        Ok(lease.committed(&stored))
-    }
-
-    /// After a refused completion: a lease with no record at all means the layer keeps its
-    /// records elsewhere (another store, another table), a misconfiguration that would refuse
-    /// every request; say so in the log. A record held by another token is the fencing doing
-    /// its work.
-    async fn explain_refusal(&self, conn: &mut PgConnection, lease: &Lease) {
-        let sql = format!(
-            "SELECT EXISTS (SELECT 1 FROM \"{}\" WHERE key = $1)",
-            self.table_name()
-        );
-        let exists: Result<bool, _> = sqlx::query_scalar(AssertSqlSafe(sql))
-            .bind(&lease.store_key().0[..])
-            .fetch_one(conn)
-            .await;
-        if let Ok(false) = exists {
-            tracing::error!(
-                target: "tower_idempotency",
-                table = self.table_name(),
-                "a handler's lease has no idempotency record in this table: the layer keeps its \
-                 records in another store or table. Give the layer this same PostgresStore \
-                 (IdempotencyLayer::store), or every such request is refused with 409"
-            );
-        }
+        sql::complete_in_transaction(self, tx, lease, response).await
     }
 }

@@ -8,19 +8,12 @@ use redis::Value;
 use super::{
     RedisStore,
     notify::Publish,
-    scripts::{MAX_MILLIS, SCRIPTS},
+    scripts::{SCRIPTS, millis},
 };
 use crate::store::{
     Begin, Fingerprint, IdempotencyStore, LeaseToken, StoreError, StoreErrorKind, StoreKey,
     StoredResponse,
 };
-
-/// Whole milliseconds, rounded up, within 1 ms and [`MAX_MILLIS`].
-pub(super) fn millis(duration: Duration) -> u64 {
-    let nanos = duration.as_nanos();
-    let ms = nanos.div_ceil(1_000_000);
-    u64::try_from(ms).unwrap_or(u64::MAX).clamp(1, MAX_MILLIS)
-}
 
 pub(super) fn corrupt() -> StoreError {
     StoreError::new(StoreErrorKind::Corrupt, "stored Redis record is corrupt")
@@ -195,15 +188,6 @@ pub(super) fn flag(reply: Value) -> Result<bool, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations_become_whole_milliseconds_rounded_up() {
-        assert_eq!(millis(Duration::ZERO), 1);
-        assert_eq!(millis(Duration::from_nanos(1)), 1);
-        assert_eq!(millis(Duration::from_millis(300)), 300);
-        assert_eq!(millis(Duration::from_micros(300_001)), 301);
-        assert_eq!(millis(Duration::MAX), MAX_MILLIS);
-    }
 
     #[test]
     fn begin_replies_are_read_strictly() {

@@ -2,9 +2,8 @@
 
 use std::{fmt, sync::Arc, time::Duration};
 
-use futures_util::FutureExt;
 use redis::{
-    ErrorKind, RedisResult, ServerErrorKind, Value,
+    RedisResult,
     aio::{ConnectionManager, ConnectionManagerConfig},
 };
 
@@ -14,17 +13,17 @@ const RECONNECT_MAX_DELAY: std::time::Duration = std::time::Duration::from_milli
 mod calls;
 mod connection;
 mod durability;
+mod eval;
 mod notify;
 mod scripts;
 
-use calls::millis;
 use connection::Connection;
 pub use durability::RedisDurability;
-use durability::{NotAcknowledged, WaitReplicas, read_durability};
+use durability::{WaitReplicas, read_durability};
 use notify::{Publish, Subscriber};
-use scripts::{LuaScript, RELEASE};
+use scripts::millis;
 
-use super::{LeaseToken, StoreError, StoreErrorKind, StoreKey};
+use super::{StoreError, StoreKey};
 
 /// The default key prefix.
 const DEFAULT_PREFIX: &str = "idempotency:";
@@ -35,11 +34,11 @@ const DEFAULT_PREFIX: &str = "idempotency:";
 ///
 /// One server ([`open`](Self::open), on the `redis` crate's [`ConnectionManager`], which
 /// multiplexes calls over one connection and reconnects by itself) or a Redis Cluster
-/// ([`open_cluster`](Self::open_cluster), feature `redis-cluster`, on the crate's cluster
-/// client, which follows `MOVED` and `ASK` and refreshes its slot map after a failover).
-/// While Redis cannot be reached, calls fail with [`StoreErrorKind::Unavailable`] (the driver
-/// error is the [`source`](std::error::Error::source): "connection refused", a `MOVED` reply,
-/// an I/O error) and the layer answers `503` (see [`StoreFailure`](crate::StoreFailure)).
+/// ([`open_cluster`](Self::open_cluster), feature `redis-cluster`, on the crate's cluster client,
+/// which follows `MOVED` and `ASK` and refreshes its slot map after a failover). While Redis cannot
+/// be reached, calls fail with [`StoreErrorKind::Unavailable`](super::StoreErrorKind::Unavailable)
+/// (the driver error is the [`source`](std::error::Error::source): "connection refused", a `MOVED`
+/// reply, an I/O error) and the layer answers `503` (see [`StoreFailure`](crate::StoreFailure)).
 /// Needs Redis 5 or later (or Valkey).
 ///
 /// ```no_run
@@ -262,17 +261,17 @@ impl RedisStore {
     }
 
     /// Connects to `url` (`redis://[user:password@]host:port/db`, `rediss://` for TLS when the
-    /// `redis` crate has a TLS feature enabled) with a [`ConnectionManager`] of default
-    /// settings except for the response timeout, which is off (the layer's store timeout
-    /// governs), reads the server's persistence settings ([`check_durability`](Self::check_durability)),
-    /// and returns a store with the default prefix.
+    /// `redis` crate has a TLS feature enabled) with a [`ConnectionManager`] of default settings
+    /// except for the response timeout, which is off (the layer's store timeout governs), reads the
+    /// server's persistence settings ([`check_durability`](Self::check_durability)), and returns a
+    /// store with the default prefix.
     ///
-    /// Returns once connected. Errors with [`StoreErrorKind::Unavailable`], the driver error as
-    /// its source, if the URL is invalid, or if the server cannot be reached within the
-    /// connection manager's retries (6 tries, 100 ms apart doubling to at most
-    /// 500 ms, each with the driver's connection timeout; build a
-    /// [`ConnectionManager`] with your own `ConnectionManagerConfig` and use
-    /// [`new`](Self::new) to choose otherwise). Neither the error's message nor its source
+    /// Returns once connected. Errors with
+    /// [`StoreErrorKind::Unavailable`](super::StoreErrorKind::Unavailable), the driver error as its
+    /// source, if the URL is invalid, or if the server cannot be reached within the connection
+    /// manager's retries (6 tries, 100 ms apart doubling to at most 500 ms, each with the driver's
+    /// connection timeout; build a [`ConnectionManager`] with your own `ConnectionManagerConfig`
+    /// and use [`new`](Self::new) to choose otherwise). Neither the error's message nor its source
     /// contains the URL.
     ///
     /// The same retries reconnect a connection that broke: with the pause between tries capped
@@ -313,8 +312,8 @@ impl RedisStore {
     /// Each record is one key, and each call one script on that key, so each call goes to the
     /// master that holds the key's slot; after a failover the client refreshes its slot map and
     /// follows `MOVED`, with no restart of the application. Errors with
-    /// [`StoreErrorKind::Unavailable`] (driver error as source) if a URL is invalid or no seed
-    /// node answers.
+    /// [`StoreErrorKind::Unavailable`](super::StoreErrorKind::Unavailable) (driver error as source)
+    /// if a URL is invalid or no seed node answers.
     #[cfg(feature = "redis-cluster")]
     #[cfg_attr(docsrs, doc(cfg(feature = "redis-cluster")))]
     pub async fn open_cluster<S: AsRef<str>>(
@@ -391,14 +390,15 @@ impl RedisStore {
     /// When fewer than `replicas` acknowledge within `timeout`:
     ///
     /// - `begin` that took a lease releases it (token-checked, so only its own lease) and fails
-    ///   with [`StoreErrorKind::Unavailable`]: the request is answered `503` and its handler
-    ///   does not run, so nothing runs on a lease a failover could forget.
-    /// - `complete` fails with [`StoreErrorKind::Unavailable`]; the response is stored on the
-    ///   master, and the layer tries `complete` again. That repeated `complete` by the same
-    ///   owner (same token) waits again and returns `Ok(true)` once acknowledged; this is the
-    ///   one place where this store answers a second `complete` with the same token `true`
-    ///   (without `wait_replicas` it answers `false`, as the store contract says), and it
-    ///   changes nothing in the record.
+    ///   with [`StoreErrorKind::Unavailable`](super::StoreErrorKind::Unavailable): the request is
+    ///   answered `503` and its handler does not run, so nothing runs on a lease a failover could
+    ///   forget.
+    /// - `complete` fails with [`StoreErrorKind::Unavailable`](super::StoreErrorKind::Unavailable);
+    ///   the response is stored on the master, and the layer tries `complete` again. That repeated
+    ///   `complete` by the same owner (same token) waits again and returns `Ok(true)` once
+    ///   acknowledged; this is the one place where this store answers a second `complete` with the
+    ///   same token `true` (without `wait_replicas` it answers `false`, as the store contract
+    ///   says), and it changes nothing in the record.
     ///
     /// The source of either error says how many replicas acknowledged. A `begin` that finds
     /// the record in flight or completed does not fail for missing acknowledgements.
@@ -419,99 +419,5 @@ impl RedisStore {
 
     fn redis_key(&self, key: &StoreKey) -> String {
         format!("{}{}", self.prefix, key.to_hex())
-    }
-
-    /// Runs `script` on `key`; with `acknowledged` and [`wait_replicas`](Self::wait_replicas)
-    /// set, followed by `WAIT` in the same pipeline (so on the same connection, right after the
-    /// write), returning how many replicas acknowledged. A server that does not know the
-    /// script (`NOSCRIPT`) gets it once more with its source.
-    async fn run(
-        &self,
-        script: &LuaScript,
-        key: &str,
-        args: &[&[u8]],
-        acknowledged: bool,
-    ) -> RedisResult<(Value, Option<i64>)> {
-        let mut conn = self.conn.clone();
-        let mut by_source = false;
-        loop {
-            let mut cmd = if by_source {
-                let mut cmd = redis::cmd("EVAL");
-                cmd.arg(&script.source);
-                cmd
-            } else {
-                let mut cmd = redis::cmd("EVALSHA");
-                cmd.arg(&script.hash);
-                cmd
-            };
-            cmd.arg(1).arg(key);
-            for arg in args {
-                cmd.arg(*arg);
-            }
-            let result = match self.wait.filter(|_| acknowledged) {
-                None => cmd
-                    .query_async::<Value>(&mut conn)
-                    .await
-                    .map(|reply| (reply, None)),
-                Some(wait) => {
-                    let mut pipe = redis::pipe();
-                    pipe.add_command(cmd)
-                        .cmd("WAIT")
-                        .arg(wait.replicas)
-                        .arg(wait.timeout_ms);
-                    pipe.query_async::<(Value, i64)>(&mut conn)
-                        .await
-                        .map(|(reply, acked)| (reply, Some(acked)))
-                }
-            };
-            match result {
-                Err(error)
-                    if !by_source
-                        && error.kind() == ErrorKind::Server(ServerErrorKind::NoScript) =>
-                {
-                    by_source = true;
-                }
-                result => return result,
-            }
-        }
-    }
-
-    /// The error for a write that fewer replicas than asked for acknowledged, if so.
-    fn unacknowledged(&self, acked: Option<i64>) -> Option<StoreError> {
-        let (wait, acked) = (self.wait?, acked?);
-        (acked < i64::from(wait.replicas)).then(|| {
-            StoreError::new(
-                StoreErrorKind::Unavailable,
-                "Redis replicas did not acknowledge the write in time",
-            )
-            .with_source(NotAcknowledged {
-                wanted: wait.replicas,
-                acknowledged: acked,
-                timeout_ms: wait.timeout_ms,
-            })
-        })
-    }
-
-    /// A `begin` that failed without an answer (the connection broke, say) may still have
-    /// run, and taken a lease under `token` that nobody will complete or release: the key
-    /// would answer 409 until the lease ran out. So release it, best effort and without
-    /// waiting: the release is queued at once on the same connection, behind the `begin`, and
-    /// drops the lease only if `token` holds it. It is sent with its source (`EVAL`), since its
-    /// answer, `NOSCRIPT` included, may come too late as well.
-    fn undo_begin(&self, key: &StoreKey, token: LeaseToken) {
-        let mut release = redis::cmd("EVAL");
-        release
-            .arg(RELEASE)
-            .arg(1)
-            .arg(self.redis_key(key))
-            .arg(&token.to_bytes()[..])
-            .arg(self.publish.arg());
-        let mut conn = self.conn.clone();
-        let mut undo = Box::pin(async move {
-            let _: redis::RedisResult<Value> = release.query_async(&mut conn).await;
-        });
-        if (&mut undo).now_or_never().is_none() {
-            tokio::spawn(undo);
-        }
     }
 }

@@ -15,6 +15,8 @@ use tokio::{
     time::Instant,
 };
 
+use crate::store::wait;
+
 /// The publish command the `complete` and `release` scripts run, passed to them as an
 /// argument (an empty one publishes nothing).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -167,20 +169,7 @@ impl Subscriber {
             Err(_) => return,
         }
         // The record may have changed between the caller's `begin` and the subscription.
-        match tokio::time::timeout_at(deadline, in_flight).await {
-            Ok(Ok(true)) => {}
-            Ok(Ok(false)) => return,
-            Ok(Err(_)) => {
-                tokio::time::sleep_until(deadline).await;
-                return;
-            }
-            Err(_) => return,
-        }
-        tokio::select! {
-            _ = changed => {}
-            _ = disconnected => {}
-            _ = tokio::time::sleep_until(deadline) => {}
-        }
+        wait::until_changed(deadline, in_flight, changed, disconnected).await;
     }
 
     /// Counts a waiter on `channel`.

@@ -1,7 +1,7 @@
 //! The Lua scripts of [`RedisStore`](super::RedisStore): one per store call, each touching only
 //! the record's key (`KEYS[1]`), so that every call goes to one server, on a cluster too.
 
-use std::sync::LazyLock;
+use std::{sync::LazyLock, time::Duration};
 
 use redis::Script;
 
@@ -11,6 +11,13 @@ pub(super) const MAX_MILLIS: u64 = 100 * 365 * 24 * 60 * 60 * 1000;
 
 // Deadlines (now, about 1.8e12 ms, plus at most twice MAX_MILLIS) stay exact in a double.
 const _: () = assert!(MAX_MILLIS * 3 < 1 << 53);
+
+/// Whole milliseconds, rounded up, within 1 ms and [`MAX_MILLIS`].
+pub(super) fn millis(duration: Duration) -> u64 {
+    let nanos = duration.as_nanos();
+    let ms = nanos.div_ceil(1_000_000);
+    u64::try_from(ms).unwrap_or(u64::MAX).clamp(1, MAX_MILLIS)
+}
 
 /// The server's clock in milliseconds since the Unix epoch, as `now`. Scripts that write after
 /// reading `TIME` need effects replication, the default since Redis 5.
@@ -127,3 +134,17 @@ pub(super) static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     release: LuaScript::new(RELEASE.to_owned()),
     waited: LuaScript::new(WAITED.to_owned()),
 });
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_become_whole_milliseconds_rounded_up() {
+        assert_eq!(millis(Duration::ZERO), 1);
+        assert_eq!(millis(Duration::from_nanos(1)), 1);
+        assert_eq!(millis(Duration::from_millis(300)), 300);
+        assert_eq!(millis(Duration::from_micros(300_001)), 301);
+        assert_eq!(millis(Duration::MAX), MAX_MILLIS);
+    }
+}

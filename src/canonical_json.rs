@@ -1,0 +1,422 @@
+//! The canonical form of JSON bodies, which the [fingerprint](crate::fingerprint) hashes in
+//! place of the bytes as sent: object keys sorted by their UTF-8 bytes, insignificant
+//! whitespace dropped, strings re-escaped in one canonical way, numbers written as parsed,
+//! array order kept. One pass over the text, without building a tree; the tests hold it to
+//! the same bytes as parsing into a `serde_json::Value` and writing that with sorted keys.
+
+use std::ops::Range;
+
+/// The canonical form of a JSON text, or `None` if it is not JSON (or nests 128 levels deep or
+/// more).
+///
+/// Object keys sorted by their UTF-8 bytes (for duplicate keys, the last one wins, as
+/// `serde_json` parses), no whitespace, strings escaped as `serde_json` writes them, numbers as
+/// parsed, arrays in order.
+///
+/// One pass over the text, accepting exactly what `serde_json` accepts: the structure is read
+/// here, and every token whose canonical form is not its own text (a string with an escape
+/// sequence, a number with a fraction or an exponent, or with more than 18 digits, or `-0`) is
+/// parsed and written by `serde_json`. Each object is written as its members arrive and put in
+/// key order only when they did not arrive in it.
+pub fn canonical_json(body: &[u8]) -> Option<Vec<u8>> {
+    canonicalize(body).map(|(canonical, _)| canonical)
+}
+
+/// [`canonical_json`], and whether the canonical form is lossless: no object repeats a key and
+/// every number's canonical text has the value of its text as sent.
+pub(crate) fn canonicalize(body: &[u8]) -> Option<(Vec<u8>, bool)> {
+    let mut c = Canonicalizer {
+        input: body,
+        pos: 0,
+        out: Vec::with_capacity(body.len()),
+        members: Vec::new(),
+        scratch: Vec::new(),
+        lossless: true,
+    };
+    c.skip_whitespace();
+    c.value(0)?;
+    c.skip_whitespace();
+    (c.pos == body.len()).then_some((c.out, c.lossless))
+}
+
+/// `serde_json`'s recursion limit: an array or object at this depth is an error.
+const MAX_DEPTH: usize = 128;
+
+struct Canonicalizer<'a> {
+    input: &'a [u8],
+    pos: usize,
+    out: Vec<u8>,
+    /// The members of the objects being written, innermost last: each key and where its
+    /// `"key":value` text lies in `out`.
+    members: Vec<(Text<'a>, Range<usize>)>,
+    /// Room to reorder one object's members.
+    scratch: Vec<u8>,
+    /// No repeated key dropped, no number rounded, so far.
+    lossless: bool,
+}
+
+impl<'a> Canonicalizer<'a> {
+    fn peek(&self) -> Option<u8> {
+        self.input.get(self.pos).copied()
+    }
+
+    fn skip_whitespace(&mut self) {
+        while let Some(b' ' | b'\n' | b'\t' | b'\r') = self.peek() {
+            self.pos += 1;
+        }
+    }
+
+    fn value(&mut self, depth: usize) -> Option<()> {
+        match self.peek()? {
+            b'{' => self.object(depth + 1),
+            b'[' => self.array(depth + 1),
+            b'"' => {
+                let text = self.string()?;
+                text.write(&mut self.out);
+                Some(())
+            }
+            b't' => self.literal(b"true"),
+            b'f' => self.literal(b"false"),
+            b'n' => self.literal(b"null"),
+            b'-' | b'0'..=b'9' => self.number(),
+            _ => None,
+        }
+    }
+
+    fn literal(&mut self, word: &[u8]) -> Option<()> {
+        let end = self.pos + word.len();
+        (self.input.get(self.pos..end)? == word).then_some(())?;
+        self.pos = end;
+        self.out.extend_from_slice(word);
+        Some(())
+    }
+
+    /// A string token; borrowed from the text when it has no escape sequence.
+    fn string(&mut self) -> Option<Text<'a>> {
+        let input = self.input;
+        let start = self.pos + 1;
+        let (mut i, ascii) = plain_run(input, start);
+        if *input.get(i)? == b'"' {
+            let text = &input[start..i];
+            if !ascii {
+                std::str::from_utf8(text).ok()?;
+            }
+            self.pos = i + 1;
+            return Some(Text::Plain(text));
+        }
+        // An escape sequence (or a control character, which serde_json rejects below): find the
+        // closing quote, then let serde_json decode the token.
+        loop {
+            match *input.get(i)? {
+                b'"' => break,
+                b'\\' => i += 2,
+                _ => i += 1,
+            }
+        }
+        let decoded: String = serde_json::from_slice(&input[self.pos..=i]).ok()?;
+        self.pos = i + 1;
+        Some(Text::Decoded(decoded))
+    }
+
+    fn number(&mut self) -> Option<()> {
+        let input = self.input;
+        let start = self.pos;
+        let digits = |mut i: usize| {
+            while let Some(b'0'..=b'9') = input.get(i) {
+                i += 1;
+            }
+            i
+        };
+        let mut i = start;
+        if input[i] == b'-' {
+            i += 1;
+        }
+        i = match input.get(i)? {
+            b'0' => i + 1,
+            b'1'..=b'9' => digits(i + 1),
+            _ => return None,
+        };
+        let integer_len = i - start;
+        let mut plain = true;
+        if input.get(i) == Some(&b'.') {
+            plain = false;
+            let end = digits(i + 1);
+            (end > i + 1).then_some(())?;
+            i = end;
+        }
+        if let Some(b'e' | b'E') = input.get(i) {
+            plain = false;
+            i += 1;
+            if let Some(b'+' | b'-') = input.get(i) {
+                i += 1;
+            }
+            let end = digits(i);
+            (end > i).then_some(())?;
+            i = end;
+        }
+        let token = &input[start..i];
+        self.pos = i;
+        if plain && integer_len <= 18 && token != b"-0" {
+            // Fits an i64 (or u64), which serde_json writes back digit for digit.
+            self.out.extend_from_slice(token);
+        } else {
+            let number: serde_json::Number = serde_json::from_slice(token).ok()?;
+            let start = self.out.len();
+            write_scalar(&number, &mut self.out);
+            let written = &self.out[start..];
+            // Most numbers come as serde_json writes them, and are then exact.
+            self.lossless &= written == token || Decimal::of(token) == Decimal::of(written);
+        }
+        Some(())
+    }
+
+    fn array(&mut self, depth: usize) -> Option<()> {
+        if depth >= MAX_DEPTH {
+            return None;
+        }
+        self.pos += 1;
+        self.out.push(b'[');
+        self.skip_whitespace();
+        if self.peek()? == b']' {
+            self.pos += 1;
+            self.out.push(b']');
+            return Some(());
+        }
+        loop {
+            self.value(depth)?;
+            self.skip_whitespace();
+            match self.peek()? {
+                b',' => {
+                    self.pos += 1;
+                    self.out.push(b',');
+                    self.skip_whitespace();
+                }
+                b']' => {
+                    self.pos += 1;
+                    self.out.push(b']');
+                    return Some(());
+                }
+                _ => return None,
+            }
+        }
+    }
+
+    fn object(&mut self, depth: usize) -> Option<()> {
+        if depth >= MAX_DEPTH {
+            return None;
+        }
+        self.pos += 1;
+        let open = self.out.len();
+        self.out.push(b'{');
+        self.skip_whitespace();
+        if self.peek()? == b'}' {
+            self.pos += 1;
+            self.out.push(b'}');
+            return Some(());
+        }
+        let base = self.members.len();
+        loop {
+            if self.peek()? != b'"' {
+                return None;
+            }
+            let key = self.string()?;
+            self.skip_whitespace();
+            if self.peek()? != b':' {
+                return None;
+            }
+            self.pos += 1;
+            self.skip_whitespace();
+            if self.members.len() > base {
+                self.out.push(b',');
+            }
+            let start = self.out.len();
+            key.write(&mut self.out);
+            self.out.push(b':');
+            self.value(depth)?;
+            self.members.push((key, start..self.out.len()));
+            self.skip_whitespace();
+            match self.peek()? {
+                b',' => {
+                    self.pos += 1;
+                    self.skip_whitespace();
+                }
+                b'}' => {
+                    self.pos += 1;
+                    break;
+                }
+                _ => return None,
+            }
+        }
+        let Self {
+            out,
+            members,
+            scratch,
+            lossless,
+            ..
+        } = self;
+        let object = &mut members[base..];
+        let in_order = object
+            .windows(2)
+            .all(|pair| pair[0].0.as_bytes() < pair[1].0.as_bytes());
+        if !in_order {
+            // A stable sort keeps duplicates in arrival order; the last of each run wins.
+            object.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+            scratch.clear();
+            scratch.extend_from_slice(&out[open..]);
+            out.truncate(open + 1);
+            let mut first = true;
+            for (i, (key, range)) in object.iter().enumerate() {
+                if object
+                    .get(i + 1)
+                    .is_some_and(|(next, _)| next.as_bytes() == key.as_bytes())
+                {
+                    *lossless = false;
+                    continue;
+                }
+                if !first {
+                    out.push(b',');
+                }
+                first = false;
+                out.extend_from_slice(&scratch[range.start - open..range.end - open]);
+            }
+        }
+        out.push(b'}');
+        members.truncate(base);
+        Some(())
+    }
+}
+
+/// The value of a JSON number text, exactly: its sign, its significant digits (no leading or
+/// trailing zeros) and the power of ten of the last one; zero, whatever its sign or form, is
+/// `Zero`. So `1E2`, `100` and `100.0` are equal, and `0.1` and `0.10000000000000000001` are
+/// not. Exponents are taken up to 10^15 in size, far past any a double reaches.
+#[derive(PartialEq, Eq)]
+enum Decimal {
+    Zero,
+    NonZero {
+        negative: bool,
+        digits: Vec<u8>,
+        exponent: i64,
+    },
+}
+
+impl Decimal {
+    /// `text` must be a valid JSON number.
+    fn of(text: &[u8]) -> Self {
+        let (negative, text) = match text {
+            [b'-', rest @ ..] => (true, rest),
+            _ => (false, text),
+        };
+        let split = text
+            .iter()
+            .position(|b| matches!(b, b'e' | b'E'))
+            .unwrap_or(text.len());
+        let (mantissa, exponent_text) = text.split_at(split);
+        let mut exponent: i64 = 0;
+        let mut exponent_negative = false;
+        for &b in exponent_text.iter().skip(1) {
+            match b {
+                b'-' => exponent_negative = true,
+                b'0'..=b'9' => {
+                    exponent = (exponent * 10 + i64::from(b - b'0')).min(1_000_000_000_000_000);
+                }
+                _ => {}
+            }
+        }
+        if exponent_negative {
+            exponent = -exponent;
+        }
+        let (integer, fraction) = match mantissa.iter().position(|&b| b == b'.') {
+            Some(dot) => (&mantissa[..dot], &mantissa[dot + 1..]),
+            None => (mantissa, &[][..]),
+        };
+        exponent -= fraction.len() as i64;
+        let mut digits: Vec<u8> = integer.iter().chain(fraction).copied().collect();
+        while digits.last() == Some(&b'0') {
+            digits.pop();
+            exponent += 1;
+        }
+        let leading = digits.iter().take_while(|&&b| b == b'0').count();
+        if leading == digits.len() {
+            return Decimal::Zero;
+        }
+        digits.drain(..leading);
+        Decimal::NonZero {
+            negative,
+            digits,
+            exponent,
+        }
+    }
+}
+
+/// The content of a string token.
+enum Text<'a> {
+    /// Straight from the text: the token had no escape sequence, so it holds no `"`, no `\\`
+    /// and no control character, and needs no escaping.
+    Plain(&'a [u8]),
+    /// Decoded by serde_json.
+    Decoded(String),
+}
+
+impl Text<'_> {
+    fn as_bytes(&self) -> &[u8] {
+        match self {
+            Text::Plain(text) => text,
+            Text::Decoded(text) => text.as_bytes(),
+        }
+    }
+
+    /// Writes the string as serde_json does (a plain one is written as it came).
+    fn write(&self, out: &mut Vec<u8>) {
+        match self {
+            Text::Plain(text) => {
+                out.reserve(text.len() + 2);
+                out.push(b'"');
+                out.extend_from_slice(text);
+                out.push(b'"');
+            }
+            Text::Decoded(text) => write_scalar(text.as_str(), out),
+        }
+    }
+}
+
+/// From `i`, the end of the run of string bytes that need no escaping (the index of the first
+/// `"`, `\\` or control character, or the end of the input), and whether the run is all ASCII.
+/// Eight bytes at a time, with the usual bit tricks.
+fn plain_run(input: &[u8], mut i: usize) -> (usize, bool) {
+    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
+    const HIGH: u64 = u64::from_ne_bytes([0x80; 8]);
+    // Non-zero when some byte of `x` is zero.
+    let zero_byte = |x: u64| x.wrapping_sub(ONES) & !x & HIGH;
+    let mut seen = 0u64;
+    while let Some(chunk) = input.get(i..i + 8) {
+        let x = u64::from_ne_bytes(chunk.try_into().expect("eight bytes"));
+        let control = x.wrapping_sub(ONES * 0x20) & !x & HIGH;
+        if control
+            | zero_byte(x ^ (ONES * u64::from(b'"')))
+            | zero_byte(x ^ (ONES * u64::from(b'\\')))
+            != 0
+        {
+            break;
+        }
+        seen |= x;
+        i += 8;
+    }
+    let mut seen_byte = 0u8;
+    while let Some(&b) = input.get(i) {
+        if b == b'"' || b == b'\\' || b < 0x20 {
+            break;
+        }
+        seen_byte |= b;
+        i += 1;
+    }
+    (i, seen & HIGH == 0 && seen_byte < 0x80)
+}
+
+fn write_scalar<T: serde::Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) {
+    // Writing a string, number, bool or null into a Vec cannot fail.
+    serde_json::to_writer(out, value).expect("serializing a JSON scalar into memory");
+}
+
+#[cfg(test)]
+mod tests;
