@@ -25,7 +25,7 @@ use futures_util::{StreamExt, stream};
 use http::{HeaderName, Method, Request, Response, StatusCode, header};
 use http_body_util::BodyExt;
 use support::*;
-use tower::{ServiceBuilder, ServiceExt, service_fn};
+use tower::{Layer, Service, ServiceBuilder, ServiceExt, service_fn};
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_idempotency::{IdempotencyLayer, KeyReuse, MemoryStore, MissingScope};
 
@@ -811,6 +811,75 @@ async fn a_response_of_exactly_the_cap_is_stored_and_one_byte_more_is_not() {
         assert_eq!(retry.body.len(), len);
         assert_eq!(calls.get(), if stored { 1 } else { 2 });
     }
+}
+
+#[tokio::test]
+async fn a_streamed_response_is_measured_chunk_by_chunk_against_the_cap() {
+    // No size hint: the cap is checked as the chunks arrive. One chunk past the cap on its
+    // own, and two chunks that reach it exactly together.
+    let cap = 1024;
+    let cases: [(Vec<usize>, bool); 3] = [
+        (vec![cap + 1], false),
+        (vec![cap / 2, cap / 2], true),
+        (vec![cap / 2, cap / 2 + 1], false),
+    ];
+    for (chunks, stored) in cases {
+        let calls = Calls::default();
+        let c = calls.clone();
+        let sizes = chunks.clone();
+        let app = Router::new()
+            .route(
+                "/calls",
+                post(move || {
+                    let (c, sizes) = (c.clone(), sizes.clone());
+                    async move {
+                        c.hit();
+                        let parts: Vec<Result<Bytes, Infallible>> = sizes
+                            .iter()
+                            .map(|n| Ok(Bytes::from(vec![b'y'; *n])))
+                            .collect();
+                        (StatusCode::CREATED, Body::from_stream(stream::iter(parts)))
+                    }
+                }),
+            )
+            .layer(
+                IdempotencyLayer::new()
+                    .post("/calls")
+                    .max_response_body(cap),
+            );
+        let total: usize = chunks.iter().sum();
+        let first = send(&app, request("/calls", Some("k"), "{}")).await;
+        assert_eq!(first.body.len(), total);
+        let retry = send(&app, request("/calls", Some("k"), "{}")).await;
+        assert_eq!(
+            retry.replayed(),
+            stored,
+            "chunks {chunks:?} against a cap of {cap}"
+        );
+        assert_eq!(retry.body.len(), total);
+    }
+}
+
+#[tokio::test]
+async fn the_response_future_says_which_path_the_request_took() {
+    let mut svc =
+        IdempotencyLayer::new()
+            .post("/calls")
+            .layer(service_fn(|_req: Request<Body>| async {
+                Ok::<_, Infallible>(Response::new(Body::empty()))
+            }));
+    let get = Request::get("/calls").body(Body::empty()).unwrap();
+    let future = svc.ready().await.unwrap().call(get);
+    assert_eq!(
+        format!("{future:?}"),
+        r#"ResponseFuture { kind: "passthrough" }"#
+    );
+    let post = request("/calls", Some("k"), "{}");
+    let future = svc.ready().await.unwrap().call(post);
+    assert_eq!(
+        format!("{future:?}"),
+        r#"ResponseFuture { kind: "covered" }"#
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

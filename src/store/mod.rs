@@ -453,4 +453,17 @@ mod tests {
         let timeout = StoreError::new(StoreErrorKind::Timeout, "store call timed out");
         assert_eq!(timeout.diagnostic(), "store call timed out (Timeout)");
     }
+
+    #[test]
+    fn store_key_is_64_lowercase_hex_digits() {
+        let mut bytes = [0u8; 32];
+        bytes[0] = 0xab;
+        bytes[1] = 0x05;
+        bytes[31] = 0xff;
+        let key = StoreKey(bytes);
+        let hex = format!("ab05{}ff", "00".repeat(29));
+        assert_eq!(key.to_hex(), hex);
+        assert_eq!(key.to_string(), hex);
+        assert_eq!(format!("{key:?}"), format!("StoreKey({hex})"));
+    }
 }
