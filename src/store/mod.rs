@@ -465,5 +465,17 @@ mod tests {
         assert_eq!(key.to_hex(), hex);
         assert_eq!(key.to_string(), hex);
         assert_eq!(format!("{key:?}"), format!("StoreKey({hex})"));
+        let fingerprint = Fingerprint(bytes);
+        assert_eq!(fingerprint.to_string(), hex);
+        assert_eq!(format!("{fingerprint:?}"), format!("Fingerprint({hex})"));
+    }
+
+    #[test]
+    fn lease_token_bytes_are_big_endian_and_its_debug_hides_it() {
+        let token = LeaseToken(0x0102_0304_0506_0708_090a_0b0c_0d0e_0f10);
+        let bytes: [u8; 16] = std::array::from_fn(|i| i as u8 + 1);
+        assert_eq!(token.to_bytes(), bytes);
+        assert_eq!(LeaseToken::from_bytes(bytes), token);
+        assert_eq!(format!("{token:?}"), "LeaseToken(..)");
     }
 }
