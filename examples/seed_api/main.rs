@@ -9,15 +9,15 @@
 //! Run it:
 //!
 //! ```text
-//! cargo run --example seed_api
-//! cargo run --example seed_api -- --handler-delay-ms 3000 --in-flight wait
-//! RUST_LOG=tower_idempotency=debug,tower_http=debug cargo run --example seed_api
-//! cargo run --example seed_api --features redis -- --store redis --redis-url redis://127.0.0.1:6379
-//! cargo run --example seed_api --features postgres -- --store postgres \
+//! cargo run -p seed_api
+//! cargo run -p seed_api -- --handler-delay-ms 3000 --in-flight wait
+//! RUST_LOG=tower_idempotency=debug,tower_http=debug cargo run -p seed_api
+//! cargo run -p seed_api --features redis -- --store redis --redis-url redis://127.0.0.1:6379
+//! cargo run -p seed_api --features postgres -- --store postgres \
 //!     --database-url postgres://postgres@127.0.0.1:5432/test
-//! cargo run --example seed_api --features redis-cluster -- --store redis-cluster \
+//! cargo run -p seed_api --features redis-cluster -- --store redis-cluster \
 //!     --redis-url redis://127.0.0.1:7000,redis://127.0.0.1:7001 --redis-wait-replicas 1
-//! cargo run --example seed_api --features mysql -- --store mysql \
+//! cargo run -p seed_api --features mysql -- --store mysql \
 //!     --database-url mysql://root@127.0.0.1:3306/test
 //! ```
 //!
@@ -108,7 +108,7 @@ pub struct Config {
     #[arg(long, default_value_t = 60)]
     pub lease_secs: u64,
     /// Where idempotency records are kept. Every store but `memory` needs the crate feature of
-    /// the same name (`cargo run --example seed_api --features redis -- --store redis`).
+    /// the same name (`cargo run -p seed_api --features redis -- --store redis`).
     #[arg(long, value_enum, default_value_t = StoreKind::Memory)]
     pub store: StoreKind,
     /// Redis URL for `--store redis` [default: $REDIS_URL, else redis://127.0.0.1:6379]; for
