@@ -67,6 +67,8 @@ use tower_http::{catch_panic::CatchPanicLayer, trace::TraceLayer};
 use tower_idempotency::{
     Drain, ExtensionScope, IdempotencyLayer, IdempotencyStore, InFlight, KeyReuse, MemoryStore,
 };
+use tracing::Level;
+use tracing_subscriber::{filter::Targets, layer::SubscriberExt, util::SubscriberInitExt};
 use uuid::Uuid;
 
 pub use api::OrgId;
@@ -304,11 +306,18 @@ pub fn banner(config: &Config, addr: SocketAddr) -> String {
 
 #[tokio::main]
 async fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "seed_api=info,tower_idempotency=info".into()),
-        )
+    // `RUST_LOG` as a list of `target=level` (a `Targets` filter: no regex engine to compile).
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|directives| directives.parse::<Targets>().ok())
+        .unwrap_or_else(|| {
+            Targets::new()
+                .with_target("seed_api", Level::INFO)
+                .with_target("tower_idempotency", Level::INFO)
+        });
+    tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer())
+        .with(filter)
         .init();
     let config = Config::parse();
     let (store, resources) = match build(&config).await {
