@@ -426,6 +426,11 @@ async fn sigterm_drains(test: &str, flags: &[&str]) -> (SeedApi, String, Vec<Val
     let output = a.output().join("\n");
     let status = status.unwrap_or_else(|| panic!("A did not exit after SIGTERM:\n{output}"));
     assert!(status.success(), "A exited with {status}:\n{output}");
+    // Its log, filtered by `RUST_LOG=seed_api=info,...`, says so.
+    assert!(
+        output.contains("drained; exiting"),
+        "A did not log that it drained:\n{output}"
+    );
 
     // Every retry, on B, is the replay of A's response: nothing runs again, nothing waits.
     let mut replayed = Vec::new();
