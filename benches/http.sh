@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Requests per second and latency of the reference API (examples/seed_api.rs) over HTTP on
+# Requests per second and latency of the reference API (examples/seed_api/) over HTTP on
 # loopback, with and without the idempotency layer, measured with wrk.
 #
 #   bash benches/http.sh
@@ -40,7 +40,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-cargo build --release --example seed_api
+cargo build --release -p seed_api
 
 # start FLAGS...: a fresh seed_api on 127.0.0.1:PORT, quiet (no per-request log lines), so that
 # no scenario inherits the resources (and memory) that an earlier one created.
@@ -61,7 +61,7 @@ stop() {
   kill "$server_pid" 2>/dev/null || true
   wait "$server_pid" 2>/dev/null || true
 }
-server="${CARGO_TARGET_DIR:-target}/release/examples/seed_api"
+server="${CARGO_TARGET_DIR:-target}/release/seed_api"
 url="http://127.0.0.1:$PORT"
 
 # A ~1 KiB call body; %s is the request's reference.

@@ -9,16 +9,15 @@
 //! Run it:
 //!
 //! ```text
-//! cargo run --example seed_api
-//! cargo run --example seed_api -- --handler-delay-ms 3000 --in-flight wait
-//! cargo run --example seed_api --features utoipa    # also serves GET /openapi.json
-//! RUST_LOG=tower_idempotency=debug,tower_http=debug cargo run --example seed_api
-//! cargo run --example seed_api --features redis -- --store redis --redis-url redis://127.0.0.1:6379
-//! cargo run --example seed_api --features postgres -- --store postgres \
+//! cargo run -p seed_api
+//! cargo run -p seed_api -- --handler-delay-ms 3000 --in-flight wait
+//! RUST_LOG=tower_idempotency=debug,tower_http=debug cargo run -p seed_api
+//! cargo run -p seed_api --features redis -- --store redis --redis-url redis://127.0.0.1:6379
+//! cargo run -p seed_api --features postgres -- --store postgres \
 //!     --database-url postgres://postgres@127.0.0.1:5432/test
-//! cargo run --example seed_api --features redis-cluster -- --store redis-cluster \
+//! cargo run -p seed_api --features redis-cluster -- --store redis-cluster \
 //!     --redis-url redis://127.0.0.1:7000,redis://127.0.0.1:7001 --redis-wait-replicas 1
-//! cargo run --example seed_api --features mysql -- --store mysql \
+//! cargo run -p seed_api --features mysql -- --store mysql \
 //!     --database-url mysql://root@127.0.0.1:3306/test
 //! ```
 //!
@@ -55,7 +54,7 @@
 //! | `POST /knowledge-bases`, `/voices` | no, the key header is ignored |
 //! | `GET /<collection>`, `GET /<collection>/{id}` | reads, never covered |
 //! | `GET /stats` | `{"handler_calls": N}`: create-handler runs of your organization in this process |
-//! | `GET /openapi.json` | with `--features utoipa`, no API key needed: this API in OpenAPI 3.1, the idempotency key header, replay marker and problem responses on the idempotent creates only |
+//! | `GET /openapi.json` | no API key needed: this API in OpenAPI 3.1, the idempotency key header, replay marker and problem responses on the idempotent creates only |
 
 mod api;
 #[cfg(feature = "utoipa")]
@@ -71,6 +70,8 @@ use tower_http::{catch_panic::CatchPanicLayer, trace::TraceLayer};
 use tower_idempotency::{
     Drain, ExtensionScope, IdempotencyLayer, IdempotencyStore, InFlight, KeyReuse, MemoryStore,
 };
+use tracing::Level;
+use tracing_subscriber::{filter::Targets, layer::SubscriberExt, util::SubscriberInitExt};
 use uuid::Uuid;
 
 pub use api::OrgId;
@@ -112,7 +113,7 @@ pub struct Config {
     #[arg(long, default_value_t = 60)]
     pub lease_secs: u64,
     /// Where idempotency records are kept. Every store but `memory` needs the crate feature of
-    /// the same name (`cargo run --example seed_api --features redis -- --store redis`).
+    /// the same name (`cargo run -p seed_api --features redis -- --store redis`).
     #[arg(long, value_enum, default_value_t = StoreKind::Memory)]
     pub store: StoreKind,
     /// Redis URL for `--store redis` [default: $REDIS_URL, else redis://127.0.0.1:6379]; for
@@ -315,11 +316,18 @@ pub fn banner(config: &Config, addr: SocketAddr) -> String {
 
 #[tokio::main]
 async fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "seed_api=info,tower_idempotency=info".into()),
-        )
+    // `RUST_LOG` as a list of `target=level` (a `Targets` filter: no regex engine to compile).
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|directives| directives.parse::<Targets>().ok())
+        .unwrap_or_else(|| {
+            Targets::new()
+                .with_target("seed_api", Level::INFO)
+                .with_target("tower_idempotency", Level::INFO)
+        });
+    tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer())
+        .with(filter)
         .init();
     let config = Config::parse();
     let (store, resources) = match build(&config).await {

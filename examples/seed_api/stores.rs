@@ -27,7 +27,7 @@ pub async fn build(config: &Config) -> Result<(Arc<dyn IdempotencyStore>, Resour
 fn needs(store: &str, feature: &str) -> String {
     format!(
         "--store {store} needs the `{feature}` feature: \
-         cargo run --example seed_api --features {feature} -- --store {store}"
+         cargo run -p seed_api --features {feature} -- --store {store}"
     )
 }
 

@@ -1,4 +1,4 @@
-//! The reference API (`examples/seed_api.rs`) as real processes, killed and stopped.
+//! The reference API (`examples/seed_api/`) as real processes, killed and stopped.
 //!
 //! - An instance killed with `SIGKILL` in the middle of a create: its lease stays until it
 //!   expires, and the client, retrying on another instance, gets 409 until then; then the
@@ -16,26 +16,23 @@
 //! - On Redis Cluster (`--store redis-cluster`): concurrent duplicates sent to two instances
 //!   run once, and every client gets the one id.
 //!
-//! `cargo test` builds the package's examples before the tests, so the `seed_api` binary is at
-//! `<target dir>/<profile>/examples/seed_api`; a test run that built only its own target
-//! (`cargo test --test process`) needs `cargo build --all-features --example seed_api` first.
-//! The binary must be built with the features the tests use (as `--all-features` does).
+//! Run with the features of the stores to test: `cargo test -p seed_api --all-features`. Cargo
+//! builds the `seed_api` binary with the same features before it builds this test.
 //!
 //! Needs `REDIS_URL`, `REDIS_CLUSTER_URL` and `DATABASE_URL`; unset, a test prints that it is
 //! skipped and passes, except under `CI=true`, where it fails. Every process a test starts is
-//! killed when the test ends, also
-//! when it fails.
+//! killed when the test ends, also when it fails.
 #![cfg(any(feature = "redis", feature = "postgres"))]
 
+#[path = "../../../tests/common/mod.rs"]
 mod common;
 
 use std::{
     io::{BufRead, BufReader, Read},
     net::SocketAddr,
-    path::PathBuf,
     process::{Child, Command, ExitStatus, Stdio},
     sync::{Arc, Mutex, mpsc},
-    time::{Duration, SystemTime},
+    time::Duration,
 };
 
 use reqwest::StatusCode;
@@ -53,56 +50,10 @@ fn unique() -> String {
 // ---------------------------------------------------------------------------------------------
 // The harness
 
-/// The `seed_api` binary that `cargo test` built beside this test, checked to be newer than
-/// the sources it is built from.
-fn seed_api_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("the test binary's path");
-    // <target dir>/<profile>/deps/<this test>
-    let profile = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("the test binary is in <target dir>/<profile>/deps");
-    let binary = profile
-        .join("examples")
-        .join(format!("seed_api{}", std::env::consts::EXE_SUFFIX));
-    let built = std::fs::metadata(&binary).and_then(|m| m.modified());
-    let Ok(built) = built else {
-        panic!(
-            "{} is missing: `cargo test` builds it, `cargo test --test process` does not; run \
-             `cargo build --all-features --example seed_api` first",
-            binary.display()
-        );
-    };
-    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let newest_source = newest_modification(&[
-        manifest.join("src"),
-        manifest.join("examples").join("seed_api"),
-    ]);
-    assert!(
-        newest_source <= built,
-        "{} is older than its sources: run `cargo build --all-features --example seed_api`",
-        binary.display()
-    );
-    binary
-}
-
-/// The latest modification time of the files at or under `paths`.
-fn newest_modification(paths: &[PathBuf]) -> SystemTime {
-    let mut newest = SystemTime::UNIX_EPOCH;
-    let mut todo = paths.to_vec();
-    while let Some(path) = todo.pop() {
-        let Ok(meta) = std::fs::metadata(&path) else {
-            continue;
-        };
-        if meta.is_dir() {
-            for entry in std::fs::read_dir(&path).into_iter().flatten().flatten() {
-                todo.push(entry.path());
-            }
-        } else if let Ok(modified) = meta.modified() {
-            newest = newest.max(modified);
-        }
-    }
-    newest
+/// The `seed_api` binary, which cargo builds (with this test's features) before it builds the
+/// package's tests.
+fn seed_api_binary() -> &'static str {
+    env!("CARGO_BIN_EXE_seed_api")
 }
 
 /// A `seed_api` child process on a free loopback port. Killed (and reaped) on drop.
@@ -475,6 +426,11 @@ async fn sigterm_drains(test: &str, flags: &[&str]) -> (SeedApi, String, Vec<Val
     let output = a.output().join("\n");
     let status = status.unwrap_or_else(|| panic!("A did not exit after SIGTERM:\n{output}"));
     assert!(status.success(), "A exited with {status}:\n{output}");
+    // Its log, filtered by `RUST_LOG=seed_api=info,...`, says so.
+    assert!(
+        output.contains("drained; exiting"),
+        "A did not log that it drained:\n{output}"
+    );
 
     // Every retry, on B, is the replay of A's response: nothing runs again, nothing waits.
     let mut replayed = Vec::new();
