@@ -70,7 +70,8 @@
 //!
 //! let json: serde_json::Value = serde_json::from_str(&doc.to_json()?)?;
 //! let conflict = &json["paths"]["/calls"]["post"]["responses"]["409"]["content"];
-//! assert_eq!(conflict["application/json"]["examples"]["in-flight"]["value"]["error"]["code"], "in-flight");
+//! let example = &conflict["application/json"]["examples"]["in-flight"]["value"];
+//! assert_eq!(example["error"]["code"], "in-flight");
 //! assert!(conflict["application/problem+json"].is_null());
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
