@@ -294,16 +294,17 @@ impl IdempotencyLayer {
     /// [`Retry-After`](Problem::retry_after_secs), [`type` URI](Problem::type_uri)) of every
     /// response the layer makes itself: 400 invalid or missing key and unreadable body, 401
     /// missing scope, 409 in flight, 413 body too large, 422 key reused, 503 store unavailable
-    /// or full, and the 500s of a [`Lease`](crate::Lease) extractor and of
-    /// `TransactionalError` that reach the client through this layer. Replays are the stored
-    /// responses, never passed to it. The response's status, headers and body are the hook's;
-    /// when the problem has a `Retry-After` and the hook's response has no `Retry-After`
-    /// header, the layer adds it (in whole seconds). A hook can keep problem details for some
-    /// kinds by returning `problem.into_response()`.
+    /// or full or server shutting down, and the 500s of a [`Lease`](crate::Lease) extractor
+    /// and of `TransactionalError` that reach the client through this layer. Replays are the
+    /// stored responses, never passed to it. The response's status, headers and body are the
+    /// hook's; when the problem has a `Retry-After` and the hook's response has no
+    /// `Retry-After` header, the layer adds it (in whole seconds). A hook can keep problem
+    /// details for some kinds by returning `problem.into_response()`.
     ///
     /// Only rejections call the hook: a request that runs, is replayed or passes through costs
     /// nothing more. A `Lease` extractor on a handler that no layer wraps has no hook to ask,
-    /// and answers with problem details.
+    /// and answers with problem details. With feature `utoipa`, describe the hook's body for
+    /// the OpenAPI document with `IdempotencyOpenApi::rejection_schema`.
     ///
     /// ```
     /// use axum::{Json, http::StatusCode};

@@ -72,9 +72,10 @@
 //!
 //! # OpenAPI
 //!
-//! With feature `utoipa`, [`IdempotencyLayer::openapi`] adds the key header, the
-//! `Idempotent-Replayed` marker and the problem responses to a utoipa OpenAPI document, on the
-//! operations the layer covers (module `openapi`).
+//! With feature `utoipa`, `IdempotencyLayer::openapi` adds the key header, the
+//! `Idempotent-Replayed` marker and the problem responses (or, with a rejection hook, the
+//! hook's bodies) to a utoipa OpenAPI document, on the operations the layer covers (module
+//! `openapi`).
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod begin;

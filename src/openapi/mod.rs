@@ -12,7 +12,7 @@
 //! | the key header, once per accepted name (`X-Idempotency-Key`, `Idempotency-Key` by default) | a `header` parameter, `$ref` to `components/parameters/IdempotencyKeyHeader.<Name>` | string, `minLength` 1, `maxLength` 512, `pattern` [`KEY_PATTERN`]: 1 to 255 visible ASCII characters, or the same as a structured-field string (`"..."`, `\"` and `\\` escaped) |
 //! | `Idempotent-Replayed: true` | a response header on every documented response whose status the layer stores (the [`store_status`](IdempotencyLayer::store_status) policy: by default all but 5xx, 408 and 429), `$ref` to `components/headers/IdempotentReplayed` | string, `enum: ["true"]`; present only on a replay |
 //! | `Idempotency-Unprotected: true` | the same responses, only with [`StoreFailure::FailOpen`] | string, `enum: ["true"]` |
-//! | 400, 409, 503, and 422 with [`KeyReuse::Reject`](crate::KeyReuse::Reject) | responses with `application/problem+json` content, schema `$ref` to `components/schemas/IdempotencyProblem`, one example per kind; 409 and 503 with `Retry-After` (`components/headers/RetryAfter`, integer seconds, at least 1) | RFC 9457: `type` (a `tag:` URI), `title`, `status`, `detail`, all four always present |
+//! | 400, 409, 503, and 422 with [`KeyReuse::Reject`](crate::KeyReuse::Reject) | responses with `application/problem+json` content, schema `$ref` to `components/schemas/IdempotencyProblem`, one example per kind; 409 and 503 with `Retry-After` (`components/headers/RetryAfter`, integer seconds, at least 1). With a [`reject_with`](IdempotencyLayer::reject_with) hook: your content type and schema instead, see below | RFC 9457: `type` (the layer's [`ProblemTypes`](crate::ProblemTypes), by default a `tag:` URI), `title`, `status`, `detail`, all four always present |
 //!
 //! A status the operation already documents keeps its content: the problem content is added
 //! beside it (and when it has `application/problem+json` content of its own, the schema
@@ -20,6 +20,63 @@
 //! into the operation first. Applying twice changes nothing the second time. The 401, 413 and
 //! 500 rejections of the [problem table](crate::problem) are not added: the application's own
 //! authentication, body limit and errors usually document those statuses.
+//!
+//! # Rejections as the layer sends them
+//!
+//! Each example is the response the layer itself makes for that problem, rendered by the same
+//! code: its `type` is the one the layer's [`ProblemTypes`](crate::ProblemTypes) give
+//! ([`problem_types`](IdempotencyLayer::problem_types)), and so are the `type` examples and
+//! description of the `IdempotencyProblem` schema.
+//!
+//! With a [`reject_with`](IdempotencyLayer::reject_with) hook the layer sends the hook's body,
+//! not problem details, so the document has no `application/problem+json` content and no
+//! `IdempotencyProblem` schema. Describe the hook's body instead:
+//!
+//! | method | what | default |
+//! |---|---|---|
+//! | [`rejection_schema`](IdempotencyOpenApi::rejection_schema) | the body's schema: inline, or a `$ref` to your own component | none: [`apply`](IdempotencyOpenApi::apply) fails with [`OpenApiError::UndescribedRejection`] |
+//! | [`rejection_content_type`](IdempotencyOpenApi::rejection_content_type) | the body's content type | `application/json` |
+//!
+//! The examples are then the hook's own responses to the same problems (409 and 503 with a
+//! `Retry-After` of 1 second), each documented under the status the hook answers it with (a
+//! hook that answers a reused key with 400 puts it under 400, beside the invalid key), its
+//! body as JSON, or as a string when it is not JSON; a body that is not ready at once (a
+//! stream) or is not UTF-8 gets no example. Without a hook, both methods are ignored.
+//!
+//! ```
+//! use axum::Json;
+//! use tower_idempotency::{IdempotencyLayer, problem::Problem};
+//! use utoipa::openapi::{
+//!     HttpMethod, Info, OpenApiBuilder, PathItem, Paths, Ref, ResponseBuilder,
+//!     path::OperationBuilder,
+//! };
+//!
+//! let layer = IdempotencyLayer::new().post("/calls").reject_with(|problem: Problem| {
+//!     let body = serde_json::json!({"error": {"code": problem.kind.slug()}});
+//!     (problem.status(), Json(body))
+//! });
+//! let create = OperationBuilder::new()
+//!     .response("201", ResponseBuilder::new().description("Created"));
+//! let mut doc = OpenApiBuilder::new()
+//!     .info(Info::new("Calls", "1.0.0"))
+//!     .paths(Paths::builder().path("/calls", PathItem::new(HttpMethod::Post, create)))
+//!     .build();
+//! // Without a description of the hook's body, nothing is documented.
+//! assert!(layer.openapi().apply(&mut doc).is_err());
+//! layer
+//!     .openapi()
+//!     .rejection_schema(Ref::from_schema_name("ApiError")) // your component
+//!     .apply(&mut doc)?;
+//!
+//! let json: serde_json::Value = serde_json::from_str(&doc.to_json()?)?;
+//! let conflict = &json["paths"]["/calls"]["post"]["responses"]["409"]["content"];
+//! let example = &conflict["application/json"]["examples"]["in-flight"]["value"];
+//! assert_eq!(example["error"]["code"], "in-flight");
+//! assert!(conflict["application/problem+json"].is_null());
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! # Covered operations
 //!
 //! Which operations are covered: each `(method, route template)` of the layer's allow-list
 //! ([`route`](IdempotencyLayer::route), [`post`](IdempotencyLayer::post)), with axum's
@@ -66,17 +123,20 @@ use http::{Method, StatusCode};
 use utoipa::{
     Modify,
     openapi::{
-        Components, OpenApi, PathItem, RefOr, Response,
+        Components, OpenApi, PathItem, RefOr, Response, Schema,
         path::{Operation, ParameterIn},
         schema::Ref,
     },
 };
 
+use self::parts::{
+    Documented, RejectionBody, add_components, add_problem, display_name, header_ref, only_problem,
+    rendered,
+};
 pub use self::parts::{
     KEY_PARAMETER_PREFIX, KEY_PATTERN, PROBLEM_SCHEMA, REPLAYED_HEADER_COMPONENT,
     RETRY_AFTER_COMPONENT, UNPROTECTED_HEADER_COMPONENT,
 };
-use self::parts::{add_components, add_problem, display_name, header_ref, only_problem, problems};
 use crate::{IdempotencyLayer, StoreFailure, config::Config};
 
 /// What a layer adds to an OpenAPI document: made by [`IdempotencyLayer::openapi`], applied
@@ -84,6 +144,8 @@ use crate::{IdempotencyLayer, StoreFailure, config::Config};
 #[derive(Clone)]
 pub struct IdempotencyOpenApi {
     config: Arc<Config>,
+    rejection_schema: Option<RefOr<Schema>>,
+    rejection_content_type: Option<String>,
 }
 
 impl fmt::Debug for IdempotencyOpenApi {
@@ -94,6 +156,9 @@ impl fmt::Debug for IdempotencyOpenApi {
                 &self.config.routes.as_ref().map(|r| r.templates()),
             )
             .field("headers", &self.config.headers)
+            .field("reject_with", &self.config.reject.hook.is_some())
+            .field("rejection_schema", &self.rejection_schema.is_some())
+            .field("rejection_content_type", &self.rejection_content_type)
             .finish_non_exhaustive()
     }
 }
@@ -120,6 +185,10 @@ pub enum OpenApiError {
         /// The reference (`#/components/responses/Created`).
         reference: String,
     },
+    /// The layer renders its rejections with a
+    /// [`reject_with`](IdempotencyLayer::reject_with) hook and nothing says what the hook's body
+    /// looks like: describe it with [`IdempotencyOpenApi::rejection_schema`].
+    UndescribedRejection,
 }
 
 impl fmt::Display for OpenApiError {
@@ -140,6 +209,12 @@ impl fmt::Display for OpenApiError {
                 "response {status} of {method} {path} refers to {reference}, which is not in \
                  the document's components"
             ),
+            OpenApiError::UndescribedRejection => f.write_str(
+                "the idempotency layer renders its rejections with a `reject_with` hook, so they \
+                 are not problem details; describe the hook's body with \
+                 `IdempotencyOpenApi::rejection_schema` (and `rejection_content_type` when it \
+                 is not `application/json`)",
+            ),
         }
     }
 }
@@ -154,11 +229,50 @@ impl IdempotencyLayer {
     pub fn openapi(&self) -> IdempotencyOpenApi {
         IdempotencyOpenApi {
             config: self.config.clone(),
+            rejection_schema: None,
+            rejection_content_type: None,
         }
     }
 }
 
 impl IdempotencyOpenApi {
+    /// The schema of the body the layer's [`reject_with`](IdempotencyLayer::reject_with) hook
+    /// sends: a [`Schema`] (placed inline) or a [`Ref`] to one of the application's
+    /// components (`Ref::from_schema_name("ApiError")`; the component itself is the
+    /// application's to add). Needed when the layer has a hook: without it
+    /// [`apply`](Self::apply) fails with [`OpenApiError::UndescribedRejection`]. Not used
+    /// without a hook, since the layer then sends problem details and documents them itself.
+    pub fn rejection_schema(mut self, schema: impl Into<RefOr<Schema>>) -> Self {
+        self.rejection_schema = Some(schema.into());
+        self
+    }
+
+    /// The content type of the body the layer's [`reject_with`](IdempotencyLayer::reject_with)
+    /// hook sends, such as `application/vnd.api+json`. Default: `application/json`. Not used
+    /// without a hook (the layer then sends `application/problem+json`).
+    pub fn rejection_content_type(mut self, content_type: impl Into<String>) -> Self {
+        self.rejection_content_type = Some(content_type.into());
+        self
+    }
+
+    /// How the rejections are documented, or why they cannot be.
+    fn rejection_body(&self) -> Result<RejectionBody, OpenApiError> {
+        if self.config.reject.hook.is_none() {
+            return Ok(RejectionBody::problem());
+        }
+        let schema = self
+            .rejection_schema
+            .clone()
+            .ok_or(OpenApiError::UndescribedRejection)?;
+        Ok(RejectionBody {
+            content_type: self
+                .rejection_content_type
+                .clone()
+                .unwrap_or_else(|| "application/json".to_owned()),
+            schema,
+        })
+    }
+
     /// Adds the layer's parts to `openapi` (see the [module docs](self) for what and where).
     ///
     /// # Errors
@@ -166,6 +280,7 @@ impl IdempotencyOpenApi {
     /// operation's response refers to a component that is not there; the document is then
     /// left as it was.
     pub fn apply(&self, openapi: &mut OpenApi) -> Result<(), OpenApiError> {
+        let body = self.rejection_body()?;
         let mut doc = openapi.clone();
         let targets: Vec<(Method, String)> = match &self.config.routes {
             Some(routes) => routes
@@ -213,19 +328,19 @@ impl IdempotencyOpenApi {
                     }
                 }
             }
-            self.describe(operation);
+            self.describe(operation, &body);
         }
         *openapi = doc;
         Ok(())
     }
 
     /// Adds the layer's parts to one covered operation whose responses are all inline.
-    fn describe(&self, operation: &mut Operation) {
+    fn describe(&self, operation: &mut Operation, body: &RejectionBody) {
         for (status, response) in &mut operation.responses.responses {
             let RefOr::T(response) = response else {
                 continue;
             };
-            if self.may_be_replayed(status) && !only_problem(response) {
+            if self.may_be_replayed(status) && !only_problem(response, body) {
                 header_ref(response, "Idempotent-Replayed", REPLAYED_HEADER_COMPONENT);
                 if self.config.store_failure == StoreFailure::FailOpen {
                     header_ref(
@@ -236,7 +351,11 @@ impl IdempotencyOpenApi {
                 }
             }
         }
-        for problem in problems(&self.config) {
+        for Documented {
+            response: problem,
+            examples,
+        } in rendered(&self.config)
+        {
             let response = operation
                 .responses
                 .responses
@@ -245,7 +364,7 @@ impl IdempotencyOpenApi {
             let RefOr::T(response) = response else {
                 continue; // resolved above
             };
-            add_problem(response, &problem);
+            add_problem(response, &problem, &examples, body);
         }
         let parameters = operation.parameters.get_or_insert_with(Vec::new);
         for name in &self.config.headers {

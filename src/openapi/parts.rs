@@ -1,8 +1,11 @@
 //! The pieces the layer adds to a document: components, the key parameter, the problem
 //! responses.
 
-use bytes::Bytes;
-use http::{HeaderName, Response as HttpResponse, StatusCode};
+use std::time::Duration;
+
+use futures_util::FutureExt;
+use http::{HeaderName, StatusCode};
+use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use utoipa::openapi::{
     Components, Content, Header, RefOr, Required, Response, Schema, SchemaFormat, Type,
@@ -41,9 +44,11 @@ pub const KEY_PARAMETER_PREFIX: &str = "IdempotencyKeyHeader.";
 
 /// Adds the schema, headers and key parameters to `components`.
 pub(super) fn add_components(config: &Config, components: &mut Components) {
-    components
-        .schemas
-        .insert(PROBLEM_SCHEMA.into(), RefOr::T(problem_schema()));
+    if config.reject.hook.is_none() {
+        components
+            .schemas
+            .insert(PROBLEM_SCHEMA.into(), RefOr::T(problem_schema(config)));
+    }
     let marker = |description: &str| {
         let schema = ObjectBuilder::new()
             .schema_type(Type::String)
@@ -127,7 +132,7 @@ fn key_parameter(config: &Config, name: &HeaderName) -> Parameter {
 }
 
 /// The problem responses this layer can answer a covered request with.
-pub(super) fn problems(config: &Config) -> Vec<ProblemResponse> {
+fn problems(config: &Config) -> Vec<ProblemResponse> {
     let names = config
         .headers
         .iter()
@@ -215,50 +220,149 @@ pub(super) struct ProblemResponse {
     examples: Vec<Problem>,
 }
 
-/// The body the layer sends for `problem`, as JSON.
-fn body_of(problem: &Problem) -> Value {
-    let response: HttpResponse<Bytes> = problem.clone().into_response();
-    serde_json::from_slice(response.body()).unwrap_or(Value::Null)
+/// How the rejections are documented: their content type and schema.
+#[derive(Clone)]
+pub(super) struct RejectionBody {
+    pub(super) content_type: String,
+    pub(super) schema: RefOr<Schema>,
 }
 
-/// Adds the problem content, description and headers of `problem` to `response`.
-pub(super) fn add_problem(response: &mut Response, problem: &ProblemResponse) {
+impl RejectionBody {
+    /// Problem details: `application/problem+json`, the [`PROBLEM_SCHEMA`] component.
+    pub(super) fn problem() -> Self {
+        Self {
+            content_type: PROBLEM_JSON.to_owned(),
+            schema: Ref::from_schema_name(PROBLEM_SCHEMA).into(),
+        }
+    }
+}
+
+/// A problem status as documented: under the status the layer's rendering gives it.
+pub(super) struct Documented {
+    pub(super) response: ProblemResponse,
+    pub(super) examples: Vec<Example>,
+}
+
+/// One example: the problem, and its body as the layer sends it (`None`: not shown).
+pub(super) struct Example {
+    problem: Problem,
+    body: Option<Value>,
+}
+
+/// One example as the layer renders it (its `ProblemTypes` and hook): the status, and the body
+/// as JSON, or as a string when it is not JSON. No body when it is not ready at once (a
+/// streaming body) or not UTF-8.
+struct Rendered {
+    status: StatusCode,
+    body: Option<Value>,
+}
+
+fn render(config: &Config, problem: &Problem) -> Rendered {
+    let response = config.reject.render(problem.clone());
+    let status = response.status();
+    let body = response
+        .into_body()
+        .collect()
+        .now_or_never()
+        .and_then(Result::ok)
+        .map(|collected| collected.to_bytes())
+        .and_then(|bytes| {
+            serde_json::from_slice(&bytes)
+                .ok()
+                .or_else(|| String::from_utf8(bytes.to_vec()).ok().map(Value::String))
+        });
+    Rendered { status, body }
+}
+
+/// The problem responses as the layer sends them: under the status the layer's rendering
+/// (its hook) gives each example, with examples rendered by it. Statuses the hook maps
+/// several kinds to are merged.
+pub(super) fn rendered(config: &Config) -> Vec<Documented> {
+    let mut out: Vec<Documented> = Vec::new();
+    for problem in problems(config) {
+        for example in problem.examples {
+            // As the layer makes them: 409 and 503 carry a `Retry-After` (the hook sees it).
+            let example = if problem.retry_after {
+                example.retry_after(Duration::from_secs(1))
+            } else {
+                example
+            };
+            let Rendered { status, body } = render(config, &example);
+            let at = match out.iter().position(|d| d.response.status == status) {
+                Some(at) => at,
+                None => {
+                    out.push(Documented {
+                        response: ProblemResponse {
+                            status,
+                            description: String::new(),
+                            retry_after: false,
+                            examples: Vec::new(),
+                        },
+                        examples: Vec::new(),
+                    });
+                    out.len() - 1
+                }
+            };
+            let Documented { response, examples } = &mut out[at];
+            if !response.description.contains(&problem.description) {
+                if !response.description.is_empty() {
+                    response.description.push_str("\n\n");
+                }
+                response.description.push_str(&problem.description);
+            }
+            response.retry_after |= problem.retry_after;
+            examples.push(Example {
+                problem: example,
+                body,
+            });
+        }
+    }
+    out
+}
+
+/// Adds the content (`body`), description and headers of `problem` to `response`, with
+/// `examples` (each problem and its rendered body) when the content is new.
+pub(super) fn add_problem(
+    response: &mut Response,
+    problem: &ProblemResponse,
+    examples: &[Example],
+    body: &RejectionBody,
+) {
     if !response.description.contains(&problem.description) {
         response.description = format!("{}\n\n{}", response.description, problem.description);
     }
     if problem.retry_after {
         header_ref(response, "Retry-After", RETRY_AFTER_COMPONENT);
     }
-    let ours: RefOr<Schema> = Ref::from_schema_name(PROBLEM_SCHEMA).into();
-    match response.content.get_mut(PROBLEM_JSON) {
+    let ours = &body.schema;
+    match response.content.get_mut(&body.content_type) {
         Some(RefOr::T(content)) => match &content.schema {
-            Some(schema) if *schema == ours || any_of_contains(schema, &ours) => {}
+            Some(schema) if schema == ours || any_of_contains(schema, ours) => {}
             Some(schema) => {
-                let both = AnyOfBuilder::new().item(schema.clone()).item(ours).build();
+                let both = AnyOfBuilder::new()
+                    .item(schema.clone())
+                    .item(ours.clone())
+                    .build();
                 content.schema = Some(RefOr::T(Schema::AnyOf(both)));
             }
-            None => content.schema = Some(ours),
+            None => content.schema = Some(ours.clone()),
         },
         Some(RefOr::Ref(_)) => {}
         None => {
-            let mut content = Content::new(Some(ours));
-            for example in &problem.examples {
-                let body = body_of(example);
-                let name = example
-                    .kind
-                    .type_uri()
-                    .rsplit(':')
-                    .next()
-                    .unwrap_or("problem");
+            let mut content = Content::new(Some(ours.clone()));
+            for Example { problem, body } in examples {
+                let Some(body) = body else { continue };
                 let example = ExampleBuilder::new()
-                    .summary(example.kind.title())
-                    .value(Some(body))
+                    .summary(problem.kind.title())
+                    .value(Some(body.clone()))
                     .build();
-                content.examples.insert(name.to_owned(), RefOr::T(example));
+                content
+                    .examples
+                    .insert(problem.kind.slug().to_owned(), RefOr::T(example));
             }
             response
                 .content
-                .insert(PROBLEM_JSON.to_owned(), RefOr::T(content));
+                .insert(body.content_type.clone(), RefOr::T(content));
         }
     }
 }
@@ -267,13 +371,12 @@ fn any_of_contains(schema: &RefOr<Schema>, item: &RefOr<Schema>) -> bool {
     matches!(schema, RefOr::T(Schema::AnyOf(any)) if any.items.contains(item))
 }
 
-/// Whether `response` is only the layer's problem (one the layer made, never a replay).
-pub(super) fn only_problem(response: &Response) -> bool {
-    let ours: RefOr<Schema> = Ref::from_schema_name(PROBLEM_SCHEMA).into();
+/// Whether `response` is only the layer's rejection (one the layer made, never a replay).
+pub(super) fn only_problem(response: &Response, body: &RejectionBody) -> bool {
     response.content.len() == 1
         && matches!(
-            response.content.get(PROBLEM_JSON),
-            Some(RefOr::T(content)) if content.schema.as_ref() == Some(&ours)
+            response.content.get(&body.content_type),
+            Some(RefOr::T(content)) if content.schema.as_ref() == Some(&body.schema)
         )
 }
 
@@ -284,9 +387,10 @@ pub(super) fn header_ref(response: &mut Response, name: &str, component: &str) {
         .or_insert_with(|| RefOr::Ref(Ref::new(format!("#/components/headers/{component}"))));
 }
 
-/// The RFC 9457 members the layer sends.
-fn problem_schema() -> Schema {
-    let types = [
+/// The RFC 9457 members the layer sends, with the `type` URIs of its `ProblemTypes`.
+fn problem_schema(config: &Config) -> Schema {
+    let types = &config.reject.types;
+    let type_examples = [
         ProblemKind::InvalidKey,
         ProblemKind::BodyUnreadable,
         ProblemKind::InFlight,
@@ -294,7 +398,7 @@ fn problem_schema() -> Schema {
         ProblemKind::StoreUnavailable,
         ProblemKind::StoreFull,
     ]
-    .map(|kind| json!(kind.type_uri()));
+    .map(|kind| json!(types.get(kind)));
     let string = |description: &str| {
         ObjectBuilder::new()
             .schema_type(Type::String)
@@ -308,12 +412,13 @@ fn problem_schema() -> Schema {
         ))
         .property(
             "type",
-            string(
+            string(&format!(
                 "A URI naming the kind of problem, stable across versions: match on it \
-                 (`tag:tower-idempotency,2026:in-flight`, ...)",
-            )
+                 (`{}`, ...)",
+                types.get(ProblemKind::InFlight)
+            ))
             .format(Some(SchemaFormat::Custom("uri-reference".into())))
-            .examples(types),
+            .examples(type_examples),
         )
         .property("title", string("A short summary of the kind of problem"))
         .property(
