@@ -38,6 +38,13 @@ pub(super) struct Inner {
     pub(super) sweeper_started: AtomicBool,
 }
 
+fn full() -> StoreError {
+    StoreError::new(
+        StoreErrorKind::Full,
+        "in-memory store is at its record or byte bound",
+    )
+}
+
 /// What one sweep batch did.
 pub(super) struct Swept {
     /// Index entries taken off the expiry index.
@@ -178,8 +185,16 @@ impl Inner {
         let now = Instant::now();
         // A replay or a duplicate needs no token: look first, under the shard's read lock, so
         // that only a request that may acquire draws one (a system call).
-        if let Some(found) = self.map.get(key).and_then(|record| record.live(now)) {
-            return Ok(found);
+        let held = match self.map.get(key) {
+            Some(record) => match record.live(now) {
+                Some(found) => return Ok(found),
+                None => true,
+            },
+            None => false,
+        };
+        // A new key at a bound needs room first (made by the caller): no token yet.
+        if !held && !self.has_room() {
+            return Err(full());
         }
         let expires_at = now + lease.min(MAX_DURATION);
         let token = LeaseToken::random();
@@ -204,10 +219,7 @@ impl Inner {
             }
             Entry::Vacant(vacant) => {
                 if !self.has_room() {
-                    return Err(StoreError::new(
-                        StoreErrorKind::Full,
-                        "in-memory store is at its record or byte bound",
-                    ));
+                    return Err(full());
                 }
                 self.records.fetch_add(1, Ordering::Relaxed);
                 vacant.insert(Record {
