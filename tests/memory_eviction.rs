@@ -7,14 +7,16 @@ mod support;
 
 use std::time::Duration;
 
+use axum::{Router, routing::post};
 use bytes::Bytes;
 use common::conformance::{
     self, LONG, MARGIN, SHORT, acquire, expect_completed, expect_in_flight, marked_response,
     random_fingerprint, random_key,
 };
 use http::{HeaderMap, StatusCode};
+use support::{Calls, created, request, send};
 use tower_idempotency::{
-    MemoryStore, StoredResponse,
+    IdempotencyLayer, MemoryStore, StoredResponse,
     store::{Begin, IdempotencyStore, StoreErrorKind, StoreKey, WhenFull},
 };
 
@@ -94,6 +96,43 @@ async fn the_record_bound_evicts_the_oldest_completed_record_first() {
     assert_eq!(begin_kind(&store, &b).await, Ok("acquired"), "b went next");
     // And c for b: now only leases are left.
     assert_eq!(begin_kind(&store, &c).await, Err(StoreErrorKind::Full));
+}
+
+/// Through the layer: a full default store answers new keys with 201, not 503, and replays the
+/// records it kept; the evicted one runs again.
+#[tokio::test(start_paused = true)]
+async fn the_layer_serves_new_keys_at_a_full_default_store() {
+    let store = MemoryStore::builder()
+        .max_records(2)
+        .sweep_interval(NEVER)
+        .build();
+    let calls = Calls::default();
+    let counted = calls.clone();
+    let app = Router::new()
+        .route(
+            "/calls",
+            post(move |body: Bytes| async move { created(counted.hit(), &body) }),
+        )
+        .layer(IdempotencyLayer::new().post("/calls").store(store.clone()));
+    for key in ["a", "b", "c"] {
+        let reply = send(&app, request("/calls", Some(key), "{}")).await;
+        assert_eq!(reply.status, StatusCode::CREATED, "{key}: {:?}", reply.body);
+        tokio::time::advance(Duration::from_secs(1)).await;
+    }
+    assert_eq!(store.len(), 2);
+    for key in ["b", "c"] {
+        assert!(
+            send(&app, request("/calls", Some(key), "{}"))
+                .await
+                .replayed(),
+            "{key}"
+        );
+    }
+    assert_eq!(calls.get(), 3);
+    let again = send(&app, request("/calls", Some("a"), "{}")).await;
+    assert_eq!(again.status, StatusCode::CREATED);
+    assert!(!again.replayed(), "a was evicted: its retry runs again");
+    assert_eq!(calls.get(), 4);
 }
 
 #[tokio::test(start_paused = true)]

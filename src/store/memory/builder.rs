@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use super::eviction::WhenFull;
 
-/// The default record bound: about 0.9 GB of records with 100-byte bodies.
+/// The default record bound: about 1 GB of records with 100-byte bodies.
 pub const DEFAULT_MAX_RECORDS: usize = 1_000_000;
 
 /// The default bound on stored response bytes: 1 GiB.
@@ -29,7 +29,7 @@ impl Default for MemoryStoreBuilder {
             sweep_interval: Duration::from_secs(1),
             sweep_batch: 1024,
             background_sweep: true,
-            when_full: WhenFull::EvictOldest,
+            when_full: WhenFull::default(),
         }
     }
 }

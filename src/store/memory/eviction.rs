@@ -42,9 +42,10 @@ pub enum WhenFull {
     /// `metrics` feature counts every eviction in `idempotency_memory_evictions_total`.
     /// Records that completed at the same moment may go in either order.
     ///
-    /// Cost: one queue entry of 64 bytes per completed record, and per eviction a look at the
-    /// oldest entry of each of 16 queue shards and one map removal; nothing grows with the
-    /// number of records.
+    /// Cost: one queue entry of 64 bytes per completed record (67 to 105 bytes with the
+    /// queue's spare capacity, measured at 10,000 to 1,000,000 records), and per eviction a
+    /// look at the oldest entry of each of 16 queue shards and one map removal; nothing grows
+    /// with the number of records.
     #[default]
     EvictOldest,
     /// Refuse every new key with [`StoreErrorKind::Full`](crate::store::StoreErrorKind::Full)

@@ -82,7 +82,8 @@ use record::State;
 /// **Memory.** Heap bytes per record, measured on x86_64 with `benches/memory.rs` (10,000 to
 /// 1,000,000 records; the spread is the hash map's spare capacity at each size): a completed
 /// record with a 100-byte body and two short headers (`Content-Type`, a 30-byte `Location`)
-/// takes 830 to 900 bytes, the body and headers included, and each further body byte one byte
+/// takes 910 to 1,000 bytes, the body and headers included (830 to 900 under
+/// [`WhenFull::Refuse`], which keeps no eviction queue), and each further body byte one byte
 /// more; an in-flight record takes 210 to 290 bytes. The allocator's own overhead per block
 /// comes on top.
 ///
