@@ -123,7 +123,7 @@ impl CompletionQueue {
             let popped = Self::lock(&self.shards[index]).pop_front();
             match popped {
                 Some(entry) if entry.expires_at > now => return Some(entry),
-                // Taken by another eviction in between, or expired since: look again.
+                // Taken by another eviction in between (the next front may be expired): look again.
                 _ => continue,
             }
         }

@@ -151,9 +151,12 @@ impl Inner {
             };
             // Only the completion the entry names is removed: never a lease, never a later
             // completion of the same key.
-            let removed = self.map.remove_if(&oldest.key, |_, record| {
-                matches!(record.state, State::Completed { expires_at, .. } if expires_at == oldest.expires_at)
-            });
+            let removed = self
+                .map
+                .remove_if(&oldest.key, |_, record| match record.state {
+                    State::Completed { expires_at, .. } => expires_at == oldest.expires_at,
+                    State::InFlight { .. } => false,
+                });
             if let Some((_, record)) = removed {
                 self.forget(&record.state);
                 evicted += 1;

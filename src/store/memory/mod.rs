@@ -186,6 +186,10 @@ impl MemoryStore {
     }
 }
 
+fn full(outcome: &Result<Begin, StoreError>) -> bool {
+    matches!(outcome, Err(e) if e.kind() == StoreErrorKind::Full)
+}
+
 #[async_trait]
 impl IdempotencyStore for MemoryStore {
     async fn begin(
@@ -195,7 +199,6 @@ impl IdempotencyStore for MemoryStore {
         lease: Duration,
     ) -> Result<Begin, StoreError> {
         self.ensure_sweeper();
-        let full = |outcome: &Result<Begin, StoreError>| matches!(outcome, Err(e) if e.kind() == StoreErrorKind::Full);
         let mut outcome = self.inner.begin(key, fingerprint, lease);
         if !full(&outcome) {
             return outcome;
@@ -205,9 +208,10 @@ impl IdempotencyStore for MemoryStore {
         if self.inner.sweep_batch(now).removed > 0 {
             outcome = self.inner.begin(key, fingerprint, lease);
         }
-        // Then evict (`WhenFull::EvictOldest`). Eviction runs outside `Inner::begin`, which
-        // holds a map entry. Concurrent new keys may take the room made here; each round makes
-        // room again, and the rounds are bounded so that no request loops for long.
+        // Then evict (under `WhenFull::Refuse` nothing is). Eviction runs outside
+        // `Inner::begin`, which holds a map entry. Concurrent new keys may take the room made
+        // here; each round makes room again, and the rounds are bounded so that no request
+        // loops for long.
         for _ in 0..EVICTION_ROUNDS {
             if !full(&outcome) {
                 break;
