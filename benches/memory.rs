@@ -12,7 +12,8 @@
 //! figure includes the record's slot in the hash map (with the map's spare capacity at that
 //! size, which is why it changes with N) and its entries in the expiry index (two per
 //! completed record until the lease's entry comes due and is swept: one for the lease, one for
-//! the response).
+//! the response), and, in the default `WhenFull::EvictOldest` store measured here, its entry in
+//! the queue of completed records that eviction keeps.
 
 use std::time::Duration;
 

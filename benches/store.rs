@@ -11,6 +11,10 @@
 //!   run.
 //! - `sweep/{100000,1000000}`: one `MemoryStore::sweep` call that removes that many expired
 //!   records (filling the store is not timed).
+//! - `evict/{1000,1000000}`: one `begin` (a new key) and its `complete` on a store that is full
+//!   at that many completed records (`max_records` = N, the default `WhenFull::EvictOldest`),
+//!   so that every `begin` evicts the oldest completed record first. The store stays at N;
+//!   every 256 operations a `MemoryStore::sweep` (untimed) does the background sweeper's work.
 //! - `redis/{single,cluster}/{1,64}` (feature `redis`, and `redis-cluster` for the cluster):
 //!   one `begin` (a new key) and its `complete` on `RedisStore` over the network, from one
 //!   task or from 64 at once on one store (one connection), against the Redis at `REDIS_URL`
@@ -142,6 +146,59 @@ fn scaling(c: &mut Criterion) {
             })
         });
         assert_eq!(store.len() as u64, live, "the live records stayed");
+    }
+    group.finish();
+}
+
+fn evict(c: &mut Criterion) {
+    let rt = runtime();
+    let mut group = c.benchmark_group("evict");
+    group.measurement_time(Duration::from_secs(3));
+    group.throughput(Throughput::Elements(1));
+    for full_at in [1_000u64, 1_000_000] {
+        let store = MemoryStore::builder()
+            .max_records(full_at as usize)
+            .max_bytes(usize::MAX)
+            .background_sweep(false)
+            .build();
+        rt.block_on(async {
+            for i in 0..full_at {
+                begin_complete(&store, i, LEASE, TTL, &response(i)).await;
+            }
+        });
+        assert_eq!(store.len() as u64, full_at);
+        // Measured keys start past the ones that filled the store.
+        let mut next = u64::MAX / 2;
+        let template = response(0);
+        group.bench_with_input(BenchmarkId::from_parameter(full_at), &full_at, |b, _| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                let mut left = iters;
+                while left > 0 {
+                    let n = left.min(CHUNK);
+                    left -= n;
+                    let keys: Vec<u64> = (next..next + n).collect();
+                    next += n;
+                    total += rt.block_on(async {
+                        let start = Instant::now();
+                        for &i in &keys {
+                            // Full: this `begin` evicts the oldest completed record.
+                            begin_complete(&store, i, LEASE, TTL, &template).await;
+                        }
+                        start.elapsed()
+                    });
+                    // The background sweeper's work, untimed: it drops the expiry index
+                    // entries the evicted records left behind.
+                    store.sweep();
+                }
+                total
+            })
+        });
+        assert_eq!(
+            store.len() as u64,
+            full_at,
+            "evictions kept the store at its bound"
+        );
     }
     group.finish();
 }
@@ -376,6 +433,6 @@ fn mysql(_: &mut Criterion) {}
 criterion_group! {
     name = benches;
     config = Criterion::default().warm_up_time(Duration::from_secs(1));
-    targets = scaling, sweep, redis, mysql
+    targets = scaling, evict, sweep, redis, mysql
 }
 criterion_main!(benches);

@@ -163,13 +163,17 @@ async fn store_one(store: &MemoryStore, n: u8, body: &'static [u8]) -> Result<()
 }
 
 /// Stored bytes equal to the bound leave no room; one byte more of bound leaves room for one
-/// more record.
+/// more record. (With `WhenFull::Refuse`, so that "no room" is seen as `Full` rather than as
+/// an eviction.)
 #[tokio::test]
 async fn the_byte_bound_is_reached_at_exactly_max_bytes() {
     let weight = response(b"0123456789").weight();
     assert_eq!(weight, 10);
 
-    let exact = MemoryStore::builder().max_bytes(weight).build();
+    let exact = MemoryStore::builder()
+        .max_bytes(weight)
+        .when_full(tower_idempotency::store::WhenFull::Refuse)
+        .build();
     store_one(&exact, 1, b"0123456789").await.unwrap();
     assert_eq!(
         store_one(&exact, 2, b"x").await,
@@ -177,14 +181,20 @@ async fn the_byte_bound_is_reached_at_exactly_max_bytes() {
         "at the bound: full"
     );
 
-    let roomy = MemoryStore::builder().max_bytes(weight + 1).build();
+    let roomy = MemoryStore::builder()
+        .max_bytes(weight + 1)
+        .when_full(tower_idempotency::store::WhenFull::Refuse)
+        .build();
     store_one(&roomy, 1, b"0123456789").await.unwrap();
     store_one(&roomy, 2, b"x").await.unwrap();
 }
 
 #[tokio::test]
 async fn the_record_bound_is_reached_at_exactly_max_records() {
-    let store = MemoryStore::builder().max_records(2).build();
+    let store = MemoryStore::builder()
+        .max_records(2)
+        .when_full(tower_idempotency::store::WhenFull::Refuse)
+        .build();
     store_one(&store, 1, b"a").await.unwrap();
     store_one(&store, 2, b"b").await.unwrap();
     assert_eq!(store_one(&store, 3, b"c").await, Err(StoreErrorKind::Full));

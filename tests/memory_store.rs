@@ -1,5 +1,6 @@
-//! `MemoryStore`: the store conformance suite, plus what only the in-memory store has (bounds,
-//! sweeping, wake-ups of waiting duplicates). Store-clock tests run on a paused tokio clock.
+//! `MemoryStore`: the store conformance suite, plus what only the in-memory store has (bounds
+//! with `WhenFull::Refuse`, sweeping, wake-ups of waiting duplicates; eviction is in
+//! `memory_eviction.rs`). Store-clock tests run on a paused tokio clock.
 #![cfg(feature = "testing")]
 mod common;
 
@@ -14,7 +15,7 @@ use http::{HeaderMap, StatusCode};
 use tokio::time::Instant;
 use tower_idempotency::{
     MemoryStore, StoredResponse,
-    store::{Begin, IdempotencyStore, StoreErrorKind},
+    store::{Begin, IdempotencyStore, StoreErrorKind, WhenFull},
 };
 
 /// A sweeper interval long enough that only `sweep()` (or `begin` at a bound) reclaims.
@@ -42,6 +43,7 @@ async fn conformance_on_paused_clock() {
 async fn record_bound_gives_full_and_never_evicts_live_records() {
     let store = MemoryStore::builder()
         .max_records(2)
+        .when_full(WhenFull::Refuse)
         .sweep_interval(NEVER)
         .build();
     let (a, b, c) = (random_key(), random_key(), random_key());
@@ -83,6 +85,7 @@ async fn record_bound_gives_full_and_never_evicts_live_records() {
 async fn byte_bound_gives_full_and_never_evicts_live_records() {
     let store = MemoryStore::builder()
         .max_bytes(100)
+        .when_full(WhenFull::Refuse)
         .sweep_interval(NEVER)
         .build();
     let (a, b) = (random_key(), random_key());

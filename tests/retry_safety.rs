@@ -751,6 +751,7 @@ async fn a_response_the_store_failed_to_keep_is_sent_and_not_run_twice() {
 async fn a_full_store_answers_503_and_never_evicts_live_records() {
     let store = MemoryStore::builder()
         .max_records(2)
+        .when_full(tower_idempotency::store::WhenFull::Refuse)
         .sweep_interval(Duration::from_secs(3600))
         .build();
     let gate = Gate::default();
@@ -807,7 +808,10 @@ async fn a_full_store_answers_503_and_never_evicts_live_records() {
 
 #[tokio::test(start_paused = true)]
 async fn the_byte_bound_turns_new_keys_away_until_space_frees() {
-    let store = MemoryStore::builder().max_bytes(1000).build();
+    let store = MemoryStore::builder()
+        .max_bytes(1000)
+        .when_full(tower_idempotency::store::WhenFull::Refuse)
+        .build();
     let calls = Calls::default();
     let counter = calls.clone();
     let app = Router::new()

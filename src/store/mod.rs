@@ -28,7 +28,9 @@ use async_trait::async_trait;
 pub use crate::response::StoredResponse;
 
 mod memory;
-pub use memory::{DEFAULT_MAX_BYTES, DEFAULT_MAX_RECORDS, MemoryStore, MemoryStoreBuilder};
+pub use memory::{
+    DEFAULT_MAX_BYTES, DEFAULT_MAX_RECORDS, MemoryStore, MemoryStoreBuilder, WhenFull,
+};
 
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
