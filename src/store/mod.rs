@@ -454,6 +454,10 @@ mod tests {
         );
         let timeout = StoreError::new(StoreErrorKind::Timeout, "store call timed out");
         assert_eq!(timeout.diagnostic(), "store call timed out (Timeout)");
+        // Display is the message alone; the cause is the `source()`.
+        assert_eq!(error.to_string(), "store unavailable");
+        assert!(error.source().is_some());
+        assert_eq!(timeout.to_string(), "store call timed out");
     }
 
     #[test]
@@ -479,5 +483,50 @@ mod tests {
         assert_eq!(token.to_bytes(), bytes);
         assert_eq!(LeaseToken::from_bytes(bytes), token);
         assert_eq!(format!("{token:?}"), "LeaseToken(..)");
+    }
+
+    /// A store with only the required methods: `wait` is the trait's default.
+    struct Plain;
+
+    #[async_trait]
+    impl IdempotencyStore for Plain {
+        async fn begin(
+            &self,
+            _: &StoreKey,
+            _: &Fingerprint,
+            _: Duration,
+        ) -> Result<Begin, StoreError> {
+            unreachable!("not called")
+        }
+        async fn renew(
+            &self,
+            _: &StoreKey,
+            _: LeaseToken,
+            _: Duration,
+        ) -> Result<bool, StoreError> {
+            unreachable!("not called")
+        }
+        async fn complete(
+            &self,
+            _: &StoreKey,
+            _: LeaseToken,
+            _: &StoredResponse,
+            _: Duration,
+        ) -> Result<bool, StoreError> {
+            unreachable!("not called")
+        }
+        async fn release(&self, _: &StoreKey, _: LeaseToken) -> Result<bool, StoreError> {
+            unreachable!("not called")
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_default_wait_sleeps_the_whole_timeout() {
+        let start = tokio::time::Instant::now();
+        Plain
+            .wait(&StoreKey([0; 32]), Duration::from_millis(320))
+            .await
+            .unwrap();
+        assert_eq!(start.elapsed(), Duration::from_millis(320));
     }
 }
