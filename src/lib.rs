@@ -76,6 +76,19 @@
 //! `Idempotent-Replayed` marker and the problem responses (or, with a rejection hook, the
 //! hook's bodies) to a utoipa OpenAPI document, on the operations the layer covers (module
 //! `openapi`).
+//!
+//! # Examples
+//!
+//! Runnable programs, shipped in the crate package (docs.rs shows them under
+//! [Source](https://docs.rs/crate/tower-idempotency/latest/source/examples/)):
+//!
+//! - `examples/custom_store.rs`: a whole store of your own, checked by the conformance suite
+//!   (`cargo run --example custom_store`).
+//! - `examples/stripe_errors.rs`: every rejection in Stripe's error shape, through
+//!   [`IdempotencyLayer::reject_with`] (`cargo run --example stripe_errors`).
+//!
+//! The reference API, an agents/calls/tools API with every store, is a package of its own in
+//! the repository (`cargo run -p seed_api`), not in the crate package.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod begin;
