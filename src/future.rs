@@ -13,7 +13,7 @@ use futures_util::future::BoxFuture;
 use http::Response;
 use pin_project_lite::pin_project;
 
-use crate::store::BoxError;
+use crate::{outcome::Outcome, store::BoxError};
 
 pin_project! {
     /// The response future of [`Idempotency`].
@@ -26,7 +26,7 @@ pin_project! {
 pin_project! {
     #[project = KindProj]
     enum Kind<F, E> {
-        Passthrough { #[pin] future: F },
+        Passthrough { #[pin] future: F, outcome: Option<Outcome> },
         Ready { response: Option<Response<Body>> },
         Covered { future: BoxFuture<'static, Result<Response<Body>, E>> },
     }
@@ -35,7 +35,21 @@ pin_project! {
 impl<F, E> ResponseFuture<F, E> {
     pub(crate) fn passthrough(future: F) -> Self {
         Self {
-            kind: Kind::Passthrough { future },
+            kind: Kind::Passthrough {
+                future,
+                outcome: None,
+            },
+        }
+    }
+
+    /// A covered request that runs unprotected (it has no key): its response is marked
+    /// [`Outcome::Bypassed`].
+    pub(crate) fn bypassed(future: F) -> Self {
+        Self {
+            kind: Kind::Passthrough {
+                future,
+                outcome: Some(Outcome::Bypassed),
+            },
         }
     }
 
@@ -77,9 +91,15 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().kind.project() {
-            KindProj::Passthrough { future } => future
-                .poll(cx)
-                .map(|result| result.map(|response| response.map(Body::new))),
+            KindProj::Passthrough { future, outcome } => future.poll(cx).map(|result| {
+                result.map(|response| {
+                    let response = response.map(Body::new);
+                    match *outcome {
+                        Some(outcome) => outcome.mark(response),
+                        None => response,
+                    }
+                })
+            }),
             KindProj::Ready { response } => {
                 Poll::Ready(Ok(response.take().expect("polled after completion")))
             }
