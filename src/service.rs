@@ -1,8 +1,10 @@
 //! [`Idempotency`]: the service, and the order of the stages of a covered request.
 //!
-//! Select and validate ([`Service::call`]), scope, buffer, fingerprint (`handle`), begin
+//! Select and validate ([`Service::call`]), scope, buffer, fingerprint (`stages`), begin
 //! ([`crate::begin`]), run and capture (`execute`, [`crate::capture`]), complete
 //! ([`crate::lease`]). Each stage lives in the file named after it; this file only orders them.
+//! Every covered response leaves marked with its [`Outcome`], which `handle` counts (feature
+//! `metrics`, [`crate::instrument`]).
 
 use std::{
     any::Any,
