@@ -400,3 +400,70 @@ async fn completion_retries_are_counted() {
         6
     );
 }
+
+/// A handler that panicked ran: `executed`, counted before the panic goes on outward.
+#[tokio::test(start_paused = true)]
+async fn a_panicking_handler_is_counted_as_executed() {
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _local = metrics::set_default_local_recorder(&recorder);
+    let app = Router::new()
+        .route(
+            "/calls",
+            post(|| async {
+                panic!("the handler failed");
+                #[allow(unreachable_code)]
+                ""
+            }),
+        )
+        .layer(IdempotencyLayer::new().post("/calls"))
+        .layer(tower_http::catch_panic::CatchPanicLayer::new());
+
+    let response = call(&app, request("/calls", Some("k-1"), "{}")).await;
+    assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+
+    let recorded = Recorded::take(&snapshotter);
+    assert_eq!(
+        recorded.counter("idempotency_requests_total"),
+        requests(&[("executed", "/calls", 1)])
+    );
+}
+
+/// An inner service's error is counted with the outcome of the run that failed: `executed`
+/// under a lease, `bypassed` when it ran unprotected.
+#[tokio::test(start_paused = true)]
+async fn an_inner_service_error_is_counted_with_its_run() {
+    use tower::Layer;
+
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _local = metrics::set_default_local_recorder(&recorder);
+    let failing = tower::service_fn(|_: Request<Body>| async {
+        Err::<Response<Body>, std::io::Error>(std::io::Error::other("inner failure"))
+    });
+    let store = FaultyStore::new(MemoryStore::new());
+    let layer = IdempotencyLayer::new()
+        .store(store.clone())
+        .on_store_error(StoreFailure::FailOpen);
+    let svc = layer.layer(failing);
+
+    let error = svc
+        .clone()
+        .oneshot(request("/calls", Some("k-1"), "{}"))
+        .await
+        .unwrap_err();
+    assert_eq!(error.to_string(), "inner failure");
+    store.set(StoreOp::Begin, Fault::Fail);
+    let error = svc
+        .oneshot(request("/calls", Some("k-2"), "{}"))
+        .await
+        .unwrap_err();
+    assert_eq!(error.to_string(), "inner failure");
+
+    let recorded = Recorded::take(&snapshotter);
+    // No router: no template, no `MatchedPath`.
+    assert_eq!(
+        recorded.counter("idempotency_requests_total"),
+        requests(&[("executed", "unmatched", 1), ("bypassed", "unmatched", 1)])
+    );
+}
