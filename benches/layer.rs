@@ -22,6 +22,10 @@
 //! - `fingerprint`: the body digest alone at those sizes, canonical JSON and raw.
 //! - `contention`: 64 concurrent requests on a multi-threaded runtime, all with one key or
 //!   each with its own.
+//! - `metrics` (only with `--features metrics`, which builds the layer with its metrics): no
+//!   key, first request and replay, each without a recorder (the facade's no-op) and with a
+//!   Prometheus recorder (`metrics-exporter-prometheus`) installed for the bench's thread.
+//!   `cargo bench -p tower-idempotency-benches --features metrics --bench layer -- metrics`
 //!
 //! The peer (`axum-idempotent`) runs in its hashing mode (method, path, headers and body hashed
 //! with BLAKE3), behind the session and cookie layers it needs, with an in-memory (`moka`)
@@ -619,9 +623,87 @@ fn contention(c: &mut Criterion) {
     group.finish();
 }
 
+/// The layer built with its metrics (feature `metrics`), without a recorder and with a
+/// Prometheus recorder for this thread (the runtime is single-threaded, so the layer's tasks
+/// record into it too).
+#[cfg(feature = "metrics")]
+fn with_metrics(c: &mut Criterion) {
+    let rt = runtime();
+    let (bare, ours) = rt.block_on(async { (bare(), ours()) });
+    let body = json_body(KIB);
+    rt.block_on(prime_replay(&ours, "metrics-replay-key", false, &body));
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let mut group = c.benchmark_group("metrics");
+    group.measurement_time(Duration::from_secs(3));
+    for prometheus in [false, true] {
+        let _local = prometheus.then(|| metrics::set_default_local_recorder(&recorder));
+        let suffix = if prometheus {
+            "_prometheus"
+        } else {
+            "_no_recorder"
+        };
+        group.bench_function(format!("bare{suffix}"), |b| {
+            b.to_async(&rt)
+                .iter_custom(|iters| timed(&bare, "/calls", None, false, Shape::Same, &body, iters))
+        });
+        group.bench_function(format!("no_key{suffix}"), |b| {
+            b.to_async(&rt)
+                .iter_custom(|iters| timed(&ours, "/calls", None, false, Shape::Same, &body, iters))
+        });
+        group.bench_function(format!("first_request{suffix}"), |b| {
+            b.to_async(&rt).iter_custom(|iters| {
+                timed(&ours, "/calls", None, false, Shape::FreshKey, &body, iters)
+            })
+        });
+        group.bench_function(format!("replay{suffix}"), |b| {
+            b.to_async(&rt).iter_custom(|iters| {
+                timed_replay(&ours, None, "metrics-replay-key", &body, iters, true)
+            })
+        });
+    }
+    // What the layer records for one first request, alone: the request counter with its two
+    // labels (the route an allow-list template, shared), and two store calls timed on tokio's
+    // clock into the histogram. Tight CPU work, so less noisy than whole requests.
+    {
+        let _local = metrics::set_default_local_recorder(&recorder);
+        let route: std::sync::Arc<str> = std::sync::Arc::from("/calls");
+        group.bench_function("recording_of_a_first_request_prometheus", |b| {
+            b.to_async(&rt).iter(|| async {
+                for op in ["begin", "complete"] {
+                    let started = tokio::time::Instant::now();
+                    metrics::histogram!("idempotency_store_duration_seconds", "op" => op)
+                        .record(started.elapsed().as_secs_f64());
+                }
+                metrics::counter!(
+                    "idempotency_requests_total",
+                    "outcome" => "executed",
+                    "route" => metrics::SharedString::from(route.clone()),
+                )
+                .increment(1);
+            })
+        });
+    }
+    // The recorder saw every request.
+    assert!(
+        recorder
+            .handle()
+            .render()
+            .contains("idempotency_requests_total{outcome=\"replayed\",route=\"/calls\"}"),
+        "the Prometheus recorder recorded nothing"
+    );
+    group.finish();
+}
+
+#[cfg(not(feature = "metrics"))]
 criterion_group! {
     name = benches;
     config = Criterion::default().warm_up_time(Duration::from_secs(1));
     targets = passthrough, first_request, replay, body_size, fingerprint, contention
+}
+#[cfg(feature = "metrics")]
+criterion_group! {
+    name = benches;
+    config = Criterion::default().warm_up_time(Duration::from_secs(1));
+    targets = passthrough, first_request, replay, body_size, fingerprint, contention, with_metrics
 }
 criterion_main!(benches);

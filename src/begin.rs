@@ -9,6 +9,7 @@ use tokio::time::Instant;
 
 use crate::{
     config::{Config, InFlight, StoreFailure},
+    instrument::{self, Op},
     lease::{LeaseGuard, store_call},
     outcome::{Outcome, problem, trace},
     problem::{Problem, ProblemKind},
@@ -49,8 +50,14 @@ pub(crate) async fn begin(
                 if fingerprint != *fp {
                     return Err(Decision::Respond(mismatch(config, parts)));
                 }
-                trace(Outcome::Replayed, &parts.method, parts.uri.path(), "");
-                return Err(Decision::Respond(response.to_replay()));
+                // A duplicate that waited for the first request is answered with its replay.
+                let outcome = if attempt == 0 {
+                    Outcome::Replayed
+                } else {
+                    Outcome::Waited
+                };
+                trace(outcome, &parts.method, parts.uri.path(), "");
+                return Err(Decision::Respond(outcome.mark(response.to_replay())));
             }
             Ok(Begin::InFlight {
                 fingerprint,
@@ -84,6 +91,7 @@ pub(crate) async fn begin(
         // A pause, not a store round trip: it may last the whole slice, longer than the store
         // timeout. Once the slice is over, look again; only an error is a store failure.
         if let Ok(Err(error)) = tokio::time::timeout(slice, config.store.wait(key, slice)).await {
+            instrument::store_error(Op::Wait, &error);
             return Err(store_failed(config, parts, &error));
         }
     }
@@ -104,6 +112,15 @@ enum Answer {
 /// released as soon as it arrives, instead of blocking the key with 409 until it expires. An
 /// answer later than the lease itself is not waited for.
 async fn begin_call(
+    config: &Arc<Config>,
+    key: &StoreKey,
+    fp: &Fingerprint,
+) -> Result<Begin, StoreError> {
+    instrument::timed(Op::Begin, begin_owned(config, key, fp)).await
+}
+
+/// [`begin_call`], unmeasured.
+async fn begin_owned(
     config: &Arc<Config>,
     key: &StoreKey,
     fp: &Fingerprint,

@@ -125,11 +125,15 @@ pub(crate) struct Config {
     pub(crate) missing_scope_warned: Arc<AtomicBool>,
 }
 
-/// The allow-list: per method, the route templates and a matcher for concrete paths.
+/// The allow-list: per method, the route templates and a matcher for concrete paths (whose
+/// value is the template, the `route` label of the metrics).
 #[derive(Clone, Default)]
 pub(crate) struct Routes {
-    entries: Vec<(Method, HashSet<String>, matchit::Router<()>)>,
+    entries: Vec<(Method, HashSet<Template>, matchit::Router<Template>)>,
 }
+
+/// A route template of the allow-list, as it was given.
+type Template = Arc<str>;
 
 impl Routes {
     pub(crate) fn add(&mut self, method: Method, path: &str) {
@@ -142,8 +146,9 @@ impl Routes {
             }
         };
         let (_, templates, router) = &mut self.entries[index];
-        if templates.insert(path.to_owned())
-            && let Err(error) = router.insert(path, ())
+        let template: Template = Arc::from(path);
+        if templates.insert(template.clone())
+            && let Err(error) = router.insert(path, template)
         {
             panic!("invalid idempotent route `{path}`: {error}");
         }
@@ -155,9 +160,9 @@ impl Routes {
     pub(crate) fn templates(&self) -> Vec<(Method, String)> {
         let mut all = Vec::new();
         for (method, templates, _) in &self.entries {
-            let mut sorted: Vec<&String> = templates.iter().collect();
-            sorted.sort();
-            all.extend(sorted.into_iter().map(|t| (method.clone(), t.clone())));
+            let mut sorted: Vec<&str> = templates.iter().map(|t| &**t).collect();
+            sorted.sort_unstable();
+            all.extend(sorted.into_iter().map(|t| (method.clone(), t.to_owned())));
         }
         all
     }
@@ -168,6 +173,22 @@ impl Routes {
                 && (matched.is_some_and(|matched| templates.contains(matched.as_str()))
                     || router.at(path).is_ok())
         })
+    }
+
+    /// The template that covers the request: `matched` when it is listed, else the listed
+    /// template that `path` matches.
+    #[cfg(feature = "metrics")]
+    fn template(
+        &self,
+        method: &Method,
+        matched: Option<&MatchedPath>,
+        path: &str,
+    ) -> Option<Template> {
+        let (_, templates, router) = self.entries.iter().find(|(m, ..)| m == method)?;
+        matched
+            .and_then(|matched| templates.get(matched.as_str()))
+            .or_else(|| router.at(path).ok().map(|found| found.value))
+            .cloned()
     }
 }
 
@@ -181,6 +202,22 @@ impl Config {
                 req.extensions().get::<MatchedPath>(),
                 req.uri().path(),
             ),
+        }
+    }
+
+    /// The `route` label of a covered request: the allow-list's template, else axum's
+    /// [`MatchedPath`], else `unmatched`.
+    #[cfg(feature = "metrics")]
+    pub(crate) fn route_template<B>(&self, req: &Request<B>) -> metrics::SharedString {
+        let matched = req.extensions().get::<MatchedPath>();
+        if let Some(routes) = &self.routes
+            && let Some(template) = routes.template(req.method(), matched, req.uri().path())
+        {
+            return metrics::SharedString::from(template);
+        }
+        match matched {
+            Some(matched) => metrics::SharedString::from(matched.as_str().to_owned()),
+            None => metrics::SharedString::const_str(crate::instrument::UNMATCHED),
         }
     }
 }

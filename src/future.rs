@@ -14,7 +14,7 @@ use futures_util::future::BoxFuture;
 use http::Response;
 use pin_project_lite::pin_project;
 
-use crate::{config::Config, store::BoxError};
+use crate::{config::Config, outcome::Outcome, store::BoxError};
 
 pin_project! {
     /// The response future of [`Idempotency`].
@@ -27,7 +27,7 @@ pin_project! {
 pin_project! {
     #[project = KindProj]
     enum Kind<F, E> {
-        Passthrough { #[pin] future: F, rerender: Option<Arc<Config>> },
+        Passthrough { #[pin] future: F, rerender: Option<Arc<Config>>, outcome: Option<Outcome> },
         Ready { response: Option<Response<Body>> },
         Covered { future: BoxFuture<'static, Result<Response<Body>, E>> },
     }
@@ -38,7 +38,23 @@ impl<F, E> ResponseFuture<F, E> {
     /// extractor in the response must be rendered again with them.
     pub(crate) fn passthrough(future: F, rerender: Option<Arc<Config>>) -> Self {
         Self {
-            kind: Kind::Passthrough { future, rerender },
+            kind: Kind::Passthrough {
+                future,
+                rerender,
+                outcome: None,
+            },
+        }
+    }
+
+    /// A covered request that runs unprotected (it has no key): its response is marked
+    /// [`Outcome::Bypassed`].
+    pub(crate) fn bypassed(future: F, rerender: Option<Arc<Config>>) -> Self {
+        Self {
+            kind: Kind::Passthrough {
+                future,
+                rerender,
+                outcome: Some(Outcome::Bypassed),
+            },
         }
     }
 
@@ -80,11 +96,19 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().kind.project() {
-            KindProj::Passthrough { future, rerender } => future.poll(cx).map(|result| {
+            KindProj::Passthrough {
+                future,
+                rerender,
+                outcome,
+            } => future.poll(cx).map(|result| {
                 result.map(|response| {
                     let response = response.map(Body::new);
-                    match rerender {
+                    let response = match rerender {
                         Some(config) => config.reject.rerender(response),
+                        None => response,
+                    };
+                    match *outcome {
+                        Some(outcome) => outcome.mark(response),
                         None => response,
                     }
                 })

@@ -16,6 +16,47 @@ pub const MAX_KEY_LEN: usize = 255;
 ///
 /// The key is a client secret of sorts (whoever knows it can read the stored response within
 /// the same scope), so its `Debug` output is redacted and the layer never logs it.
+///
+/// # In the handler
+///
+/// The layer puts the validated key in the request extensions of every request whose handler
+/// it runs with a key (under a lease, or unprotected when the store fails open or the scope is
+/// missing and passed through), next to the [`ScopeDigest`](crate::ScopeDigest) of its scope
+/// (absent when there is no scope). Read them with axum's `Extension` (`Option<Extension<..>>`
+/// when requests without a key reach the handler too):
+///
+/// ```
+/// use axum::{Extension, Router, body::Body, http::Request, routing::post};
+/// use tower::ServiceExt;
+/// use tower_idempotency::{IdempotencyKey, IdempotencyLayer, ScopeDigest};
+///
+/// async fn create(
+///     key: Option<Extension<IdempotencyKey>>,
+///     scope: Option<Extension<ScopeDigest>>,
+/// ) -> String {
+///     match (key, scope) {
+///         (Some(Extension(key)), Some(Extension(scope))) => {
+///             format!("key {} of scope {}", key.as_str(), &scope.to_hex()[..8])
+///         }
+///         _ => "no key".to_owned(),
+///     }
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let app: Router = Router::new()
+///     .route("/calls", post(create))
+///     .route_layer(IdempotencyLayer::new());
+/// let request = Request::post("/calls")
+///     .header("authorization", "Bearer sk_test_1")
+///     .header("x-idempotency-key", "k-1")
+///     .body(Body::empty())
+///     .unwrap();
+/// let response = app.oneshot(request).await.unwrap();
+/// let body = axum::body::to_bytes(response.into_body(), 1024).await.unwrap();
+/// assert!(body.starts_with(b"key k-1 of scope "), "{body:?}");
+/// # }
+/// ```
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct IdempotencyKey(String);
 

@@ -346,6 +346,8 @@ impl<S> Layer<S> for IdempotencyLayer {
     type Service = Idempotency<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
+        // The metrics' descriptions and units, for the recorder in place (feature `metrics`).
+        crate::instrument::describe();
         Idempotency {
             inner,
             config: self.config.clone(),

@@ -9,6 +9,7 @@ use tokio::time::Instant;
 
 use crate::{
     config::Config,
+    instrument::{self, Op},
     store::{LeaseToken, StoreError, StoreErrorKind, StoreKey, StoredResponse},
 };
 
@@ -66,7 +67,11 @@ impl LeaseGuard {
 /// Drops the lease on `key` if `token` still owns it. A failure is logged: the lease then
 /// expires by itself.
 pub(crate) async fn release(config: &Config, key: &StoreKey, token: LeaseToken) {
-    if let Err(error) = store_call(config, config.store.release(key, token)).await {
+    let released = instrument::timed(
+        Op::Release,
+        store_call(config, config.store.release(key, token)),
+    );
+    if let Err(error) = released.await {
         tracing::warn!(
             target: "tower_idempotency",
             cause = %error.diagnostic(),
@@ -108,9 +113,12 @@ pub(crate) async fn renewing<T>(
         let mut failures = 0;
         loop {
             tokio::time::sleep_until(next).await;
-            let renewed = store_call(
-                config,
-                config.store.renew(&guard.key, guard.token(), config.lease),
+            let renewed = instrument::timed(
+                Op::Renew,
+                store_call(
+                    config,
+                    config.store.renew(&guard.key, guard.token(), config.lease),
+                ),
             )
             .await;
             match renewed {
@@ -157,9 +165,12 @@ pub(crate) async fn complete(
     let token = guard.take();
     let config = guard.config.clone();
     let key = guard.key;
-    let first = store_call(
-        &config,
-        config.store.complete(&key, token, &stored, config.ttl),
+    let first = instrument::timed(
+        Op::Complete,
+        store_call(
+            &config,
+            config.store.complete(&key, token, &stored, config.ttl),
+        ),
     )
     .await;
     match first {
@@ -224,12 +235,15 @@ async fn keep_completing(
     loop {
         tokio::time::sleep(retry_pause(config.lease, attempt)).await;
         attempt += 1;
-        let error = match store_call(
-            config,
-            config.store.complete(key, token, stored, config.ttl),
-        )
-        .await
-        {
+        instrument::completion_retry();
+        let completed = instrument::timed(
+            Op::Complete,
+            store_call(
+                config,
+                config.store.complete(key, token, stored, config.ttl),
+            ),
+        );
+        let error = match completed.await {
             Ok(true) => {
                 tracing::info!(
                     target: "tower_idempotency",
@@ -258,7 +272,11 @@ async fn keep_completing(
             return;
         }
         if Instant::now() >= next_renewal {
-            match store_call(config, config.store.renew(key, token, config.lease)).await {
+            let renewed = instrument::timed(
+                Op::Renew,
+                store_call(config, config.store.renew(key, token, config.lease)),
+            );
+            match renewed.await {
                 Ok(true) => next_renewal = Instant::now() + every,
                 Ok(false) => return lease_lost(method, path),
                 // The store is still failing; the next try of `complete` comes soon.

@@ -63,6 +63,31 @@
 //! [`IdempotencyLayer::reject_with`]; `type` URIs that point at your docs:
 //! [`IdempotencyLayer::problem_types`].
 //!
+//! Every covered response carries its [`Outcome`] (executed, replayed, waited, conflict,
+//! mismatch, rejected or bypassed) in its response extensions, for the application's own logs
+//! and metrics.
+//!
+//! # Metrics
+//!
+//! With the feature `metrics`, the layer records through the
+//! [`metrics`](https://docs.rs/metrics/0.24) facade (0.24), so the application picks the
+//! exporter (Prometheus, StatsD...) and installs its recorder; without the feature nothing is
+//! recorded and nothing is computed for it.
+//!
+//! | name | type | labels | what |
+//! |---|---|---|---|
+//! | `idempotency_requests_total` | counter | `outcome`, `route` | requests on covered routes, one per response, by [`Outcome::as_str`]: `executed`, `replayed`, `waited`, `conflict`, `mismatch`, `rejected`, `bypassed` (a request with no key counts as `bypassed`) |
+//! | `idempotency_store_duration_seconds` | histogram, seconds | `op` | the layer's store calls, by `op`: `begin`, `complete`, `renew`, `release`; a call cut by the [store timeout](IdempotencyLayer::store_timeout) is recorded at the timeout |
+//! | `idempotency_store_errors_total` | counter | `op`, `kind` | failed store calls, by `op` (those above, and `wait`) and `kind`: `unavailable`, `timeout`, `full`, `corrupt` ([`StoreErrorKind`](store::StoreErrorKind)) |
+//! | `idempotency_completion_retries_total` | counter | none | later tries to store a response after a failed one (durable completion, see [`completion_deadline`](IdempotencyLayer::completion_deadline)) |
+//!
+//! `route` is a route template, never the raw path, so that the label set stays bounded: the
+//! allow-list's template that covers the request ([`IdempotencyLayer::route`]), else axum's
+//! `MatchedPath` (set for a matched route under `route_layer` or `Router::layer`), else
+//! `unmatched`. Durations are measured on tokio's clock. The descriptions and units are
+//! registered with the recorder in place when the layer wraps a service, so install the
+//! recorder before building the router.
+//!
 //! # Stores
 //!
 //! [`MemoryStore`] (default) for one instance; `RedisStore` (feature `redis`; Redis Cluster with
@@ -98,6 +123,7 @@ mod config;
 mod drain;
 pub mod fingerprint;
 mod future;
+mod instrument;
 mod key;
 mod layer;
 mod lease;
@@ -126,6 +152,7 @@ pub use drain::{Drain, DrainTimedOut};
 pub use future::ResponseFuture;
 pub use key::{IdempotencyKey, KeyError, MAX_KEY_LEN};
 pub use layer::{DEFAULT_COMPLETION_DEADLINE, DEFAULT_MAX_RESPONSE_BODY, IdempotencyLayer};
+pub use outcome::Outcome;
 pub use problem_types::{InvalidTypeUri, ProblemTypes};
 pub use response::{REPLAYED_HEADER, StoredResponse};
 pub use scope::{AuthorizationScope, ExtensionScope, Scope, ScopeDigest, ScopeExtractor, scope_fn};

@@ -1,10 +1,13 @@
 //! [`Idempotency`]: the service, and the order of the stages of a covered request.
 //!
-//! Select and validate ([`Service::call`]), scope, buffer, fingerprint (`handle`), begin
+//! Select and validate ([`Service::call`]), scope, buffer, fingerprint (`stages`), begin
 //! ([`crate::begin`]), run and capture (`execute`, [`crate::capture`]), complete
 //! ([`crate::lease`]). Each stage lives in the file named after it; this file only orders them.
+//! Every covered response leaves marked with its [`Outcome`], which `handle` counts (feature
+//! `metrics`, [`crate::instrument`]).
 
 use std::{
+    any::Any,
     fmt,
     panic::AssertUnwindSafe,
     sync::Arc,
@@ -25,6 +28,7 @@ use crate::{
     config::{Config, KeyReuse, MissingScope},
     fingerprint::{self, RequestIdentity},
     future::ResponseFuture,
+    instrument::{self, Route},
     key::{IdempotencyKey, KeyError},
     lease::{self, LeaseGuard, release, renewing},
     outcome::{Outcome, problem, trace},
@@ -79,22 +83,34 @@ where
         if !self.config.covers(&req) {
             return ResponseFuture::passthrough(self.inner.call(req), self.rerenders());
         }
+        let route = Route::of(&self.config, &req);
         let key = match IdempotencyKey::from_any_header(req.headers(), &self.config.headers) {
             Ok(Some(key)) => key,
             Ok(None) if !self.config.require_key => {
                 tracing::debug!(target: "tower_idempotency", outcome = "bypassed", detail = "no key");
-                return ResponseFuture::passthrough(self.inner.call(req), self.rerenders());
+                instrument::request(&route, Outcome::Bypassed);
+                return ResponseFuture::bypassed(self.inner.call(req), self.rerenders());
             }
             Ok(None) => {
+                instrument::request(&route, Outcome::Rejected);
                 return ResponseFuture::ready(reject_key(&req, KeyError::Missing, &self.config));
             }
-            Err(error) => return ResponseFuture::ready(reject_key(&req, error, &self.config)),
+            Err(error) => {
+                instrument::request(&route, Outcome::Rejected);
+                return ResponseFuture::ready(reject_key(&req, error, &self.config));
+            }
         };
         // The ready service is the one to call; keep a fresh clone for the next request
         // (see axum's `from_fn`): the call happens later, inside the future.
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
-        ResponseFuture::covered(Box::pin(handle(self.config.clone(), inner, req, key)))
+        ResponseFuture::covered(Box::pin(handle(
+            self.config.clone(),
+            inner,
+            req,
+            key,
+            route,
+        )))
     }
 }
 
@@ -143,17 +159,64 @@ fn reject_key<B>(req: &Request<B>, error: KeyError, config: &Config) -> Response
         }
         other => format!("{other} (header {names})"),
     };
-    config
-        .reject
-        .render(Problem::new(ProblemKind::InvalidKey, detail))
+    Outcome::Rejected.mark(
+        config
+            .reject
+            .render(Problem::new(ProblemKind::InvalidKey, detail)),
+    )
 }
 
+/// How a covered request ended without a response: the inner service's error (after the
+/// handler ran, or ran unprotected), or the handler's panic.
+enum Ended<E> {
+    Error(Outcome, E),
+    Panic(Box<dyn Any + Send>),
+}
+
+/// A covered request from its scope on; counts its [`Outcome`], which every response of
+/// [`stages`] carries in its extensions.
 async fn handle<S, ReqBody, ResBody>(
     config: Arc<Config>,
     inner: S,
     req: Request<ReqBody>,
     key: IdempotencyKey,
+    route: Route,
 ) -> Result<Response<Body>, S::Error>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ReqBody: http_body::Body + From<Bytes> + Send + 'static,
+    ReqBody::Data: Send,
+    ReqBody::Error: Into<BoxError>,
+    ResBody: http_body::Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    match stages(config, inner, req, key).await {
+        Ok(response) => {
+            let outcome = response.extensions().get::<Outcome>().copied();
+            debug_assert!(outcome.is_some(), "a covered response without its outcome");
+            instrument::request(&route, outcome.unwrap_or(Outcome::Executed));
+            Ok(response)
+        }
+        Err(Ended::Error(outcome, error)) => {
+            instrument::request(&route, outcome);
+            Err(error)
+        }
+        Err(Ended::Panic(panic)) => {
+            instrument::request(&route, Outcome::Executed);
+            std::panic::resume_unwind(panic)
+        }
+    }
+}
+
+/// Scope, buffer, fingerprint, begin, then run, capture and complete.
+async fn stages<S, ReqBody, ResBody>(
+    config: Arc<Config>,
+    inner: S,
+    req: Request<ReqBody>,
+    key: IdempotencyKey,
+) -> Result<Response<Body>, Ended<S::Error>>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
     S::Future: Send + 'static,
@@ -189,8 +252,11 @@ where
                     "no scope",
                 );
                 parts.extensions.insert(key);
-                let response = inner.oneshot(Request::from_parts(parts, body)).await?;
-                Ok(config.reject.rerender(response.map(Body::new)))
+                let response = inner
+                    .oneshot(Request::from_parts(parts, body))
+                    .await
+                    .map_err(|error| Ended::Error(Outcome::Bypassed, error))?;
+                Ok(Outcome::Bypassed.mark(config.reject.rerender(response.map(Body::new))))
             }
         };
     };
@@ -256,13 +322,17 @@ where
             parts.extensions.insert(ScopeDigest::of(&scope));
             parts.extensions.insert(key);
             let req = Request::from_parts(parts, ReqBody::from(bytes));
-            let mut response = config
-                .reject
-                .rerender(inner.oneshot(req).await?.map(Body::new));
+            let mut response = config.reject.rerender(
+                inner
+                    .oneshot(req)
+                    .await
+                    .map_err(|error| Ended::Error(Outcome::Bypassed, error))?
+                    .map(Body::new),
+            );
             response
                 .headers_mut()
                 .insert(UNPROTECTED_HEADER, HeaderValue::from_static("true"));
-            return Ok(response);
+            return Ok(Outcome::Bypassed.mark(response));
         }
     };
 
@@ -285,18 +355,20 @@ where
     let panic = if config.run_to_completion {
         // Tracked, so that a shutdown can wait for a handler whose client has gone.
         match config.tracker.spawn(job).await {
-            Ok(result) => return result,
+            Ok(result) => return result.map_err(|error| Ended::Error(Outcome::Executed, error)),
             Err(error) if error.is_panic() => error.into_panic(),
             Err(_) => {
-                return Ok(config.reject.render(
-                    Problem::new(ProblemKind::StoreUnavailable, "the server is shutting down")
-                        .retry_after(Duration::from_secs(1)),
+                return Ok(Outcome::Rejected.mark(
+                    config.reject.render(
+                        Problem::new(ProblemKind::StoreUnavailable, "the server is shutting down")
+                            .retry_after(Duration::from_secs(1)),
+                    ),
                 ));
             }
         }
     } else {
         match AssertUnwindSafe(job).catch_unwind().await {
-            Ok(result) => return result,
+            Ok(result) => return result.map_err(|error| Ended::Error(Outcome::Executed, error)),
             Err(panic) => panic,
         }
     };
@@ -305,7 +377,7 @@ where
     // before the 500 reaches the client, whose immediate retry must run, not get 409. Then let
     // the panic continue outward, as if the handler had run here, for a catch-panic layer.
     release(&config, &store_key, token).await;
-    std::panic::resume_unwind(panic)
+    Err(Ended::Panic(panic))
 }
 
 async fn execute<S, ReqBody, ResBody>(
@@ -388,5 +460,5 @@ where
         }
     };
     trace(Outcome::Executed, &method, &path, detail);
-    Ok(Response::from_parts(parts, body))
+    Ok(Outcome::Executed.mark(Response::from_parts(parts, body)))
 }

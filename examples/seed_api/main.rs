@@ -34,6 +34,10 @@
 //!   retry runs again.
 //! - `GET /stats` counts the create-handler runs of your organization; a replay does not
 //!   count. `GET /agents` lists your agents.
+//! - `GET /metrics` (no API key needed) is the Prometheus text format:
+//!   `idempotency_requests_total{outcome="replayed",route="/agents"}` and the other metrics of
+//!   the layer count what happened (feature `metrics`, on by default; without it the layer
+//!   records nothing).
 //! - Run two instances on one Redis (`--store redis`, two `--addr`s): a key used on one is
 //!   replayed by the other (409 while the first still runs), and the handler runs once in all.
 //! - With `--store postgres` the resources live in PostgreSQL too (table
@@ -55,6 +59,7 @@
 //! | `GET /<collection>`, `GET /<collection>/{id}` | reads, never covered |
 //! | `GET /stats` | `{"handler_calls": N}`: create-handler runs of your organization in this process |
 //! | `GET /openapi.json` | no API key needed: this API in OpenAPI 3.1, the idempotency key header, replay marker and problem responses on the idempotent creates only |
+//! | `GET /metrics` | no API key needed: the metrics of this process, Prometheus text format |
 
 mod api;
 #[cfg(feature = "utoipa")]
@@ -64,8 +69,9 @@ mod stores;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use axum::{Router, extract::DefaultBodyLimit, middleware};
+use axum::{Router, extract::DefaultBodyLimit, middleware, routing::get};
 use clap::{Parser, ValueEnum};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tower_http::{catch_panic::CatchPanicLayer, trace::TraceLayer};
 use tower_idempotency::{
     Drain, ExtensionScope, IdempotencyLayer, IdempotencyStore, InFlight, KeyReuse, MemoryStore,
@@ -234,6 +240,33 @@ pub fn app_with(
     store: Arc<dyn IdempotencyStore>,
     resources: Resources,
 ) -> (Router, Drain) {
+    app_with_metrics(config, store, resources, None)
+}
+
+/// The recorder `main` installs, whose handle renders `GET /metrics`: the Prometheus text
+/// format, with buckets from 0.5 ms to 2.5 s for the store-call durations (other histograms
+/// are summaries). `install_recorder()` makes it the process's recorder, `build_recorder()`
+/// one to install otherwise (a test's thread-local recorder).
+pub fn prometheus() -> PrometheusBuilder {
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full("idempotency_store_duration_seconds".to_owned()),
+            &[
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ],
+        )
+        .expect("the bucket list is not empty")
+}
+
+/// [`app_with`], and `GET /metrics` rendered by `metrics` when given (without it, 404). The
+/// layer records into the recorder in place where it runs: `main` installs
+/// [`prometheus`]'s recorder for the whole process before it builds the router.
+pub fn app_with_metrics(
+    config: &Config,
+    store: Arc<dyn IdempotencyStore>,
+    resources: Resources,
+    metrics: Option<PrometheusHandle>,
+) -> (Router, Drain) {
     let state = AppState {
         resources,
         handler_delay: Duration::from_millis(config.handler_delay_ms),
@@ -258,6 +291,11 @@ pub fn app_with(
     // Public: added after the authentication layer, so outside it.
     #[cfg(feature = "utoipa")]
     let router = router.route("/openapi.json", openapi::route(&document));
+    // Scrapers send no API key: the route comes after the authentication layer.
+    let router = match metrics {
+        Some(handle) => router.route("/metrics", get(move || std::future::ready(handle.render()))),
+        None => router,
+    };
     let router = router
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(TraceLayer::new_for_http())
@@ -346,7 +384,23 @@ async fn main() {
     };
     let addr = listener.local_addr().unwrap_or(config.addr);
     println!("{}", banner(&config, addr));
-    let (app, drain) = app_with(&config, store, resources);
+    // The process's one recorder, in place before the layer is built (it registers the
+    // metrics' descriptions then); its histograms are drained every few seconds.
+    let metrics = match prometheus().install_recorder() {
+        Ok(handle) => handle,
+        Err(err) => {
+            eprintln!("seed_api: cannot install the metrics recorder: {err}");
+            std::process::exit(1);
+        }
+    };
+    let upkeep = metrics.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            upkeep.run_upkeep();
+        }
+    });
+    let (app, drain) = app_with_metrics(&config, store, resources, Some(metrics));
     if let Err(err) = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal())
         .await
