@@ -1,7 +1,8 @@
 //! Idempotency keys for axum and tower: a retried POST runs once, and every retry gets the
 //! stored response.
 //!
-//! A client sends `X-Idempotency-Key: <key>` on a request that creates something. The first
+//! A client sends `X-Idempotency-Key: <key>` (or the IETF draft's `Idempotency-Key`; both are
+//! read by default) on a request that creates something. The first
 //! request with the key runs; its status, headers and body are stored; a retry with the same
 //! key, endpoint, caller and body gets the same response back, marked
 //! `Idempotent-Replayed: true`, without the handler running again. A duplicate that arrives
@@ -22,7 +23,8 @@
 //! # How a covered request flows
 //!
 //! 1. **Select.** Not an allow-listed method and path ([`IdempotencyLayer::route`]), or no key
-//!    header: the request passes through untouched, its body unread.
+//!    header: the request passes through untouched, its body unread (no key with
+//!    [`require_key(true)`](IdempotencyLayer::require_key): 400).
 //! 2. **Validate** the key ([`IdempotencyKey`]): one header field, 1 to 255 visible ASCII
 //!    characters, optionally a structured-field string. Otherwise 400.
 //! 3. **Scope** ([`scope`]): whose key it is. Default: the hashed `Authorization` header. None:

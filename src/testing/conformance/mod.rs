@@ -17,8 +17,14 @@
 //!
 //! A check that fails panics with the rule that broke, as in ``store conformance: rule
 //! `release_lets_next_begin_acquire` broke: ...``. Your store must be `Clone` (derive it, or pass an
-//! `Arc` of it): checks that race several calls share it between tasks. Run it on a real clock for stores that keep time on a server, and on a paused
-//! tokio clock (`#[tokio::test(start_paused = true)]`) for stores on tokio's clock.
+//! `Arc` of it): checks that race several calls share it between tasks.
+//!
+//! Which clock: run it on the real clock (as above) for a store that keeps time on a server or
+//! on `std::time::Instant`. A store on tokio's clock (`tokio::time::Instant`) may run it on a
+//! paused clock instead (`#[tokio::test(start_paused = true)]`, which needs tokio's `test-util`
+//! feature), where the waits cost nothing. Never pause the clock for a store on
+//! `std::time::Instant`: its deadlines would not move, and `expired_lease_is_taken_over` fails
+//! with `expected Acquired, got InFlight`.
 //!
 //! `run_all(store).await` runs every check; each check is also a `pub async fn` of its own, so
 //! a failure names the rule that broke. Every check uses fresh random keys and fingerprints, so
