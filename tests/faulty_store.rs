@@ -127,3 +127,29 @@ impl IdempotencyStore for NoRelease {
 async fn the_conformance_suite_names_the_rule_that_broke() {
     tower_idempotency::testing::conformance::run_all(NoRelease(MemoryStore::new())).await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn wait_is_forwarded_to_the_wrapped_store() {
+    // A lease that nothing completes or releases: the wrapped store's wait takes its whole
+    // timeout.
+    let store = FaultyStore::new(MemoryStore::new());
+    let held = store.begin(&key(9), &Fingerprint([9; 32]), LEASE).await;
+    assert!(matches!(held, Ok(Begin::Acquired(_))));
+    let start = tokio::time::Instant::now();
+    store
+        .wait(&key(9), Duration::from_millis(250))
+        .await
+        .unwrap();
+    assert_eq!(start.elapsed(), Duration::from_millis(250));
+    assert_eq!(store.calls(StoreOp::Wait), 1);
+}
+
+#[test]
+fn debug_shows_faults_and_call_counts() {
+    let store = FaultyStore::new(MemoryStore::new());
+    store.set(StoreOp::Begin, Fault::Fail);
+    let shown = format!("{store:?}");
+    assert!(shown.starts_with("FaultyStore { faults: ["), "{shown}");
+    assert!(shown.contains("Fail"), "{shown}");
+    assert!(shown.contains("calls: [0, 0, 0, 0, 0]"), "{shown}");
+}
