@@ -72,5 +72,10 @@ mod tests {
         ] {
             assert!(validate_table_name(bad).is_err(), "{bad:?}");
         }
+        assert_eq!(
+            validate_table_name("a-b").unwrap_err().to_string(),
+            "invalid table name \"a-b\": expected 1 to 48 characters of a-z, 0-9 and _, not \
+             starting with a digit"
+        );
     }
 }
