@@ -468,3 +468,51 @@ async fn a_sweep_interval_of_for_ever_does_not_panic() {
     }
     assert_eq!(store.sweep(), 3);
 }
+
+/// A hook whose body never ends but is always ready (an endless stream) gets no example, and
+/// documenting the layer finishes.
+///
+/// Defect found: the examples were rendered by collecting the hook's whole body while it was
+/// ready, so `openapi().apply` looped for ever, its memory growing without bound.
+#[cfg(feature = "utoipa")]
+#[test]
+fn documenting_a_hook_with_an_endless_body_finishes() {
+    use utoipa::openapi::{
+        HttpMethod, Info, OpenApiBuilder, PathItem, Paths, Ref, ResponseBuilder,
+        path::OperationBuilder,
+    };
+
+    let layer = IdempotencyLayer::new()
+        .post("/calls")
+        .reject_with(|problem: Problem| {
+            let chunks = futures_util::stream::repeat_with(|| {
+                Ok::<_, std::io::Error>(Bytes::from_static(b"endless "))
+            });
+            (problem.status(), Body::from_stream(chunks))
+        });
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let create =
+            OperationBuilder::new().response("201", ResponseBuilder::new().description("Created"));
+        let mut doc = OpenApiBuilder::new()
+            .info(Info::new("Calls", "1.0.0"))
+            .paths(Paths::builder().path("/calls", PathItem::new(HttpMethod::Post, create)))
+            .build();
+        let applied = layer
+            .openapi()
+            .rejection_schema(Ref::from_schema_name("ApiError"))
+            .apply(&mut doc);
+        let _ = done.send((applied.is_ok(), doc.to_json().unwrap()));
+    });
+    let (ok, json) = finished
+        .recv_timeout(Duration::from_secs(20))
+        .expect("openapi().apply did not finish");
+    assert!(ok);
+    let json: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let conflict = &json["paths"]["/calls"]["post"]["responses"]["409"];
+    assert!(conflict.is_object(), "{conflict}");
+    assert!(
+        conflict["content"]["application/json"]["examples"].is_null(),
+        "{conflict}"
+    );
+}
