@@ -516,3 +516,45 @@ fn documenting_a_hook_with_an_endless_body_finishes() {
         "{conflict}"
     );
 }
+
+/// A hook that panics while rendering a handler's `TransactionalError` (inside the run, with
+/// the lease held): the panic reaches the caller, the lease is released, and the retry runs.
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+#[tokio::test(start_paused = true)]
+async fn a_hook_panicking_inside_the_run_releases_the_lease() {
+    use axum::response::IntoResponse;
+    use tower_idempotency::{
+        Lease, TransactionalError,
+        store::{StoreError, StoreErrorKind},
+    };
+
+    let calls = Calls::default();
+    let counted = calls.clone();
+    let app = Router::new()
+        .route(
+            "/tx",
+            post(move |_lease: Lease, body: Bytes| async move {
+                match counted.hit() {
+                    1 => TransactionalError::Database(StoreError::new(
+                        StoreErrorKind::Unavailable,
+                        "down",
+                    ))
+                    .into_response(),
+                    run => created(run, &body),
+                }
+            }),
+        )
+        .layer(
+            IdempotencyLayer::new().reject_with(|problem: Problem| -> StatusCode {
+                panic!("hook failed on {}", problem.kind.slug())
+            }),
+        );
+    let first = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, request("/tx", Some("k"), "{}")).await }
+    });
+    assert!(within(first).await.unwrap_err().is_panic());
+    let retry = send(&app, request("/tx", Some("k"), "{}")).await;
+    assert_eq!(retry.status, StatusCode::CREATED, "{:?}", retry.body);
+    assert_eq!(calls.get(), 2);
+}
