@@ -74,6 +74,11 @@ impl Reject {
 pub(crate) struct Unrendered(Problem);
 
 impl Unrendered {
+    /// Whether `response` is such a rejection, not yet rendered by a layer.
+    pub(crate) fn is_in<B>(response: &Response<B>) -> bool {
+        response.extensions().get::<Unrendered>().is_some()
+    }
+
     /// `problem` as problem details (all there is without a layer), marked for the layer.
     pub(crate) fn response(problem: Problem) -> Response<Body> {
         let mut response: Response<Body> = problem.clone().into_response();

@@ -33,6 +33,7 @@ use crate::{
     lease::{self, LeaseGuard, release, renewing},
     outcome::{Outcome, problem, trace},
     problem::{Problem, ProblemKind},
+    reject::Unrendered,
     response::StoredResponse,
     scope::ScopeDigest,
     store::{BoxError, StoreKey},
@@ -394,13 +395,14 @@ where
     ResBody::Error: Into<BoxError>,
 {
     let work = async {
-        // A rejection made inside the handler (`TransactionalError`) is rendered with the
-        // layer's settings before anything else (what is stored is what the client got).
-        // `Body::new` here boxes the body once, as capturing it would; later calls find a
-        // `Body` and do not box it again.
-        let response = config
-            .reject
-            .rerender(inner.oneshot(req).await?.map(Body::new));
+        // A rejection made inside the handler (`TransactionalError`, the `Lease` extractor) is
+        // rendered with the layer's settings before anything else. It is never stored: its
+        // transaction rolled back, so a retry must run, whatever status the hook gives it or
+        // the status policy takes. `Body::new` here boxes the body once, as capturing it
+        // would; later calls find a `Body` and do not box it again.
+        let response = inner.oneshot(req).await?.map(Body::new);
+        let rejection = Unrendered::is_in(&response);
+        let response = config.reject.rerender(response);
         let (mut parts, body) = response.into_parts();
         // The handler stored the record itself, in its own transaction: this is the stored
         // response, and the lease is settled.
@@ -412,10 +414,11 @@ where
         }
         // A 1xx is no final response (hyper sends 500 in its place): never stored, whatever the
         // policy says; nor is an answer that says the handler did not get to finish (a fenced
-        // transactional completion).
+        // transactional completion, a rejection of the layer's own).
         if parts.status.is_informational()
             || !(config.status_policy)(parts.status)
             || DoNotStore::take(&mut parts.extensions)
+            || rejection
         {
             return Ok((
                 parts,

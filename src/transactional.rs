@@ -240,11 +240,13 @@ pub enum TransactionalError {
     /// so the client's retry gets the other run's response.
     LeaseLost,
     /// The response could not be stored (too large, trailers, a failing body). As a response:
-    /// 500.
+    /// 500, which the layer never stores (whatever its status policy, or the status a
+    /// [`reject_with`](crate::IdempotencyLayer::reject_with) hook gives it), so the retry runs.
     Capture(CaptureError),
     /// The database failed, in the update or the commit. As a response: 503
-    /// `store-unavailable` with `Retry-After: 1`; the layer then releases the lease (a 5xx is
-    /// not stored), so the retry runs.
+    /// `store-unavailable` with `Retry-After: 1`; the layer then releases the lease without
+    /// storing it (whatever its status policy, or the status a
+    /// [`reject_with`](crate::IdempotencyLayer::reject_with) hook gives it), so the retry runs.
     ///
     /// A commit whose answer was lost may still have committed; the release is token-checked,
     /// so it cannot undo a record that did commit, and the retry replays it.

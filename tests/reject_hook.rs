@@ -22,6 +22,7 @@ use tower::ServiceExt;
 use tower_idempotency::{
     IdempotencyLayer, KeyReuse, Lease, MemoryStore, ProblemTypes,
     problem::{Problem, ProblemKind},
+    store::WhenFull,
 };
 
 /// The hook under test: JSON of its own, the layer's status, a marker header; its own
@@ -192,7 +193,11 @@ async fn store_unavailable_goes_through_the_hook_and_the_layer_adds_retry_after(
 
 #[tokio::test]
 async fn store_full_goes_through_the_hook_and_the_layer_adds_retry_after() {
-    let store = MemoryStore::builder().max_records(1).build();
+    // Refuse: the default store evicts k1 for k2 instead of being full.
+    let store = MemoryStore::builder()
+        .max_records(1)
+        .when_full(WhenFull::Refuse)
+        .build();
     let svc = simple(hooked().store(store));
     let first = send(&svc, request("/calls", Some("k1"), "{}")).await;
     assert_eq!(first.status, StatusCode::CREATED);

@@ -41,7 +41,8 @@
 //! `Retry-After` of 1 second), each documented under the status the hook answers it with (a
 //! hook that answers a reused key with 400 puts it under 400, beside the invalid key), its
 //! body as JSON, or as a string when it is not JSON; a body that is not ready at once (a
-//! stream) or is not UTF-8 gets no example. Without a hook, both methods are ignored.
+//! stream), is larger than 64 KiB or is not UTF-8 gets no example. Without a hook, both
+//! methods are ignored.
 //!
 //! ```
 //! use axum::Json;

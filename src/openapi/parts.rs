@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use futures_util::FutureExt;
 use http::{HeaderName, StatusCode};
-use http_body_util::BodyExt;
+use http_body_util::{BodyExt, Limited};
 use serde_json::{Value, json};
 use utoipa::openapi::{
     Components, Content, Header, RefOr, Required, Response, Schema, SchemaFormat, Type,
@@ -249,9 +249,12 @@ pub(super) struct Example {
     body: Option<Value>,
 }
 
+/// The largest rendered body that becomes an example: 64 KiB.
+const MAX_EXAMPLE_BYTES: usize = 64 * 1024;
+
 /// One example as the layer renders it (its `ProblemTypes` and hook): the status, and the body
 /// as JSON, or as a string when it is not JSON. No body when it is not ready at once (a
-/// streaming body) or not UTF-8.
+/// streaming body), larger than [`MAX_EXAMPLE_BYTES`] or not UTF-8.
 struct Rendered {
     status: StatusCode,
     body: Option<Value>,
@@ -260,8 +263,8 @@ struct Rendered {
 fn render(config: &Config, problem: &Problem) -> Rendered {
     let response = config.reject.render(problem.clone());
     let status = response.status();
-    let body = response
-        .into_body()
+    // Limited: a hook's body may be a stream that is always ready and never ends.
+    let body = Limited::new(response.into_body(), MAX_EXAMPLE_BYTES)
         .collect()
         .now_or_never()
         .and_then(Result::ok)

@@ -10,6 +10,9 @@ pub const DEFAULT_MAX_RECORDS: usize = 1_000_000;
 /// The default bound on stored response bytes: 1 GiB.
 pub const DEFAULT_MAX_BYTES: usize = 1 << 30;
 
+/// The shortest sweep interval: tokio's timer resolution.
+const MIN_SWEEP_INTERVAL: Duration = Duration::from_millis(1);
+
 /// Builder for [`MemoryStore`](super::MemoryStore).
 #[derive(Debug, Clone)]
 pub struct MemoryStoreBuilder {
@@ -67,9 +70,10 @@ impl MemoryStoreBuilder {
         self
     }
 
-    /// How often the background sweeper looks for expired records. Default: 1 s.
+    /// How often the background sweeper looks for expired records. Default: 1 s; at least
+    /// 1 ms (a shorter interval, zero included, counts as 1 ms).
     pub fn sweep_interval(mut self, interval: Duration) -> Self {
-        self.sweep_interval = interval;
+        self.sweep_interval = interval.max(MIN_SWEEP_INTERVAL);
         self
     }
 
