@@ -173,3 +173,51 @@ proptest::proptest! {
         proptest::prop_assert_eq!(canonical_json(&text), reference(&text));
     }
 }
+
+/// `plain_run` byte by byte, the way it is specified.
+fn plain_run_reference(input: &[u8], start: usize) -> (usize, bool) {
+    let end = input[start..]
+        .iter()
+        .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
+        .map_or(input.len(), |n| start + n);
+    (end, input[start..end].is_ascii())
+}
+
+#[test]
+fn plain_run_stops_at_the_first_quote_backslash_or_control_character() {
+    // Every byte value at every position of the first chunks, behind bytes that make the bit
+    // tricks borrow (0x00, 0x01, 0x20, 0x21, '"' + 1, '\\' + 1) or carry non-ASCII.
+    let fillers: [&[u8]; 4] = [
+        b"abcdefghijklmnopqrstuvwx",
+        &[0x01; 24],
+        &[0x21; 24],
+        &[0xc3; 24],
+    ];
+    for filler in fillers {
+        for position in 0..20 {
+            for byte in 0..=255u8 {
+                for (before, value) in [
+                    (None, byte),
+                    (Some(0x00), byte),
+                    (Some(b'#'), byte),
+                    (Some(b']'), byte),
+                ] {
+                    let mut input = filler.to_vec();
+                    input[position] = value;
+                    if let Some(before) = before
+                        && position > 0
+                    {
+                        input[position - 1] = before;
+                    }
+                    for start in 0..3 {
+                        assert_eq!(
+                            plain_run(&input, start),
+                            plain_run_reference(&input, start),
+                            "{input:?} from {start}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
