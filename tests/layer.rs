@@ -1454,3 +1454,20 @@ async fn the_layer_wraps_a_single_route_with_route_layer() {
     );
     assert_eq!(calls.get(), 3);
 }
+
+#[test]
+fn durations_past_100_years_are_cut_to_100_years() {
+    // 100 years of 365 days, the documented cut, so that adding them to a clock never
+    // overflows.
+    let layer = IdempotencyLayer::new()
+        .ttl(Duration::MAX)
+        .lease(Duration::MAX);
+    let shown = format!("{layer:?}");
+    assert!(shown.contains("ttl: 3153600000s"), "{shown}");
+    assert!(shown.contains("lease: 3153600000s"), "{shown}");
+    let within = format!(
+        "{:?}",
+        IdempotencyLayer::new().ttl(Duration::from_secs(3_153_599_999))
+    );
+    assert!(within.contains("ttl: 3153599999s"), "{within}");
+}
