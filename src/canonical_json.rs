@@ -261,10 +261,10 @@ impl<'a> Canonicalizer<'a> {
         if !in_order {
             // A stable sort keeps duplicates in arrival order; the last of each run wins.
             object.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+            // The members in key order, straight from `out` into `scratch`.
             scratch.clear();
-            scratch.extend_from_slice(&out[open..]);
-            out.truncate(open + 1);
-            let mut first = true;
+            scratch.reserve(out.len() - open);
+            scratch.push(b'{');
             for (i, (key, range)) in object.iter().enumerate() {
                 if object
                     .get(i + 1)
@@ -273,11 +273,18 @@ impl<'a> Canonicalizer<'a> {
                     *lossless = false;
                     continue;
                 }
-                if !first {
-                    out.push(b',');
+                if scratch.len() > 1 {
+                    scratch.push(b',');
                 }
-                first = false;
-                out.extend_from_slice(&scratch[range.start - open..range.end - open]);
+                scratch.extend_from_slice(&out[range.clone()]);
+            }
+            if open == 0 {
+                // The outermost object is all of `out`: take the sorted copy in its place
+                // rather than copying it back.
+                std::mem::swap(out, scratch);
+            } else {
+                out.truncate(open);
+                out.extend_from_slice(scratch);
             }
         }
         out.push(b'}');

@@ -106,6 +106,46 @@ fn canonical_json_matches_the_reference_on_edge_cases() {
     assert!(canonical_json(nested(128).as_bytes()).is_none());
 }
 
+/// Out-of-order objects are rewritten in key order: the outermost one in place of the whole
+/// output, a nested one back where it began, after others have been rewritten before it.
+#[test]
+fn out_of_order_objects_are_rewritten_at_every_depth() {
+    let cases: [(&[u8], &[u8], bool); 7] = [
+        (br#"{"b":1,"a":2}"#, br#"{"a":2,"b":1}"#, true),
+        (
+            br#"{"z":{"y":[{"b":1,"a":2}],"x":0},"a":{"d":1,"c":2}}"#,
+            br#"{"a":{"c":2,"d":1},"z":{"x":0,"y":[{"a":2,"b":1}]}}"#,
+            true,
+        ),
+        (
+            br#"[{"b":1,"a":2},{"d":"dd","c":"c"},{"a":0}]"#,
+            br#"[{"a":2,"b":1},{"c":"c","d":"dd"},{"a":0}]"#,
+            true,
+        ),
+        (br#"{"b":1,"a":2,"b":3}"#, br#"{"a":2,"b":3}"#, false),
+        (br#"{"b":1,"b":2,"a":3}"#, br#"{"a":3,"b":2}"#, false),
+        (
+            br#"[1,{"b":{"d":1,"c":2,"d":3},"a":[]}]"#,
+            br#"[1,{"a":[],"b":{"c":2,"d":3}}]"#,
+            false,
+        ),
+        (
+            br#"{"b":"\u0041","a":"\n"}"#,
+            br#"{"a":"\n","b":"A"}"#,
+            true,
+        ),
+    ];
+    for (body, canonical, lossless) in cases {
+        let text = String::from_utf8_lossy(body);
+        assert_eq!(
+            canonicalize(body),
+            Some((canonical.to_vec(), lossless)),
+            "{text}"
+        );
+        assert_eq!(canonical_json(body), reference(body), "{text}");
+    }
+}
+
 #[test]
 fn a_key_named_like_serde_json_internals_is_an_ordinary_key() {
     // With serde_json's `raw_value` feature on (axum turns it on), parsing into a `Value`
