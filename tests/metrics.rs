@@ -241,6 +241,27 @@ async fn the_route_is_the_matched_path_or_unmatched() {
     );
 }
 
+/// The allow-list's template comes before axum's `MatchedPath`: a layer on a nested router
+/// lists the path inside it, while the matched path is the whole one.
+#[tokio::test(start_paused = true)]
+async fn the_allow_listed_template_comes_before_the_matched_path() {
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _local = metrics::set_default_local_recorder(&recorder);
+    let inner = Router::new()
+        .route("/calls/{id}", post(slow_create))
+        .layer(IdempotencyLayer::new().post("/calls/{id}"));
+    let app = Router::new().nest("/v1", inner);
+    let response = call(&app, request("/v1/calls/7", Some("k-1"), "{}")).await;
+    assert_eq!(response.status(), StatusCode::CREATED);
+
+    let recorded = Recorded::take(&snapshotter);
+    assert_eq!(
+        recorded.counter("idempotency_requests_total"),
+        requests(&[("executed", "/calls/{id}", 1)])
+    );
+}
+
 /// Every store call of the layer is timed under its `op`, in seconds on tokio's clock.
 #[tokio::test(start_paused = true)]
 async fn store_calls_are_timed_per_op() {
