@@ -1471,3 +1471,33 @@ fn durations_past_100_years_are_cut_to_100_years() {
     );
     assert!(within.contains("ttl: 3153599999s"), "{within}");
 }
+
+#[test]
+fn the_defaults_are_the_documented_ones() {
+    let shown = format!("{:?}", IdempotencyLayer::new());
+    for field in [
+        "lease: 60s",
+        "ttl: 86400s",
+        "max_request_body: 2097152",
+        "max_response_body: 4194304",
+        "store_timeout: 2s",
+        "reject_with: false",
+    ] {
+        assert!(shown.contains(field), "{field} in {shown}");
+    }
+    assert_eq!(
+        tower_idempotency::DEFAULT_MAX_RESPONSE_BODY,
+        4 * 1024 * 1024
+    );
+    assert_eq!(
+        tower_idempotency::DEFAULT_COMPLETION_DEADLINE,
+        Duration::from_secs(5 * 60)
+    );
+}
+
+#[test]
+fn a_key_never_shows_in_debug_output() {
+    let key = tower_idempotency::IdempotencyKey::parse(b"secret-key-123").unwrap();
+    assert_eq!(key.as_str(), "secret-key-123");
+    assert_eq!(format!("{key:?}"), "IdempotencyKey(..)");
+}
