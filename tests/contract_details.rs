@@ -275,6 +275,10 @@ fn every_problem_kind_has_its_status_type_and_title() {
             "{kind:?}"
         );
         assert_eq!(kind.title(), title, "{kind:?}");
+        // A rejection of the kind, as a `reject_with` hook gets it, says the same.
+        let problem = Problem::new(kind, "detail");
+        assert_eq!(problem.title(), title, "{kind:?}");
+        assert_eq!(problem.status().as_u16(), status, "{kind:?}");
     }
 }
 
