@@ -255,6 +255,10 @@ mod tests {
             ("https://docs.example.com/{kind}", "cannot hold"),
             ("https://docs.example.com/%2", "`%`"),
             ("https://docs.example.com/%zz", "`%`"),
+            // The two characters after the `%` are the ones checked, not the one before it.
+            ("https://docs.example.com/a%g0", "`%`"),
+            // Checking resumes right after an escape: a space there is still refused.
+            ("tag:abc%41 x", "cannot hold"),
             ("https://docs.example.com/#a#", "more than one `#`"),
         ] {
             let error = ProblemTypes::default()

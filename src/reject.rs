@@ -142,4 +142,16 @@ mod tests {
         };
         assert_eq!(own.render(problem()).headers()[header::RETRY_AFTER], "7");
     }
+
+    #[test]
+    fn with_default_settings_a_marked_rejection_passes_untouched() {
+        // Nothing to render differently: the response keeps what inner layers added to it.
+        let mut response = Unrendered::response(Problem::new(ProblemKind::InFlight, "busy"));
+        response
+            .headers_mut()
+            .insert("x-request-id", HeaderValue::from_static("r-1"));
+        let response = Reject::default().rerender(response);
+        assert_eq!(response.status(), StatusCode::CONFLICT);
+        assert_eq!(response.headers()["x-request-id"], "r-1");
+    }
 }

@@ -255,4 +255,18 @@ mod tests {
         let replay: Response<Bytes> = no_content.to_replay();
         assert!(replay.headers().get(header::CONTENT_LENGTH).is_none());
     }
+
+    #[test]
+    fn weight_is_the_body_plus_each_header_and_16_bytes_a_header() {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-abc", HeaderValue::from_static("12"));
+        headers.append("x-abc", HeaderValue::from_static("345"));
+        let response = StoredResponse {
+            status: StatusCode::CREATED,
+            headers,
+            body: Bytes::from_static(b"hello"),
+        };
+        // 5 for the body, (5 + 2 + 16) and (5 + 3 + 16) for the two values.
+        assert_eq!(response.weight(), 5 + 23 + 24);
+    }
 }

@@ -354,6 +354,47 @@ async fn transactional_errors_go_through_the_hook() {
     assert_eq!(down.header("retry-after"), Some("1"));
 }
 
+/// A rejection made in the handler (`TransactionalError`) rolled its work back: it is never
+/// stored, even where the status policy would store its status.
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+#[tokio::test]
+async fn a_transactional_rejection_is_not_stored_whatever_the_status_policy() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use tower_idempotency::{
+        TransactionalError,
+        store::{StoreError, StoreErrorKind},
+    };
+
+    let runs = Arc::new(AtomicUsize::new(0));
+    let handler = {
+        let runs = runs.clone();
+        move |_lease: Lease| {
+            let run = runs.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if run == 0 {
+                    TransactionalError::Database(StoreError::new(
+                        StoreErrorKind::Unavailable,
+                        "database down",
+                    ))
+                    .into_response()
+                } else {
+                    (StatusCode::CREATED, "ran again").into_response()
+                }
+            }
+        }
+    };
+    let layer = IdempotencyLayer::new().store_status(|_| true);
+    let svc = Router::new().route("/tx", post(handler)).layer(layer);
+
+    let down = send(&svc, request("/tx", Some("k1"), "{}")).await;
+    assert_eq!(down.status, StatusCode::SERVICE_UNAVAILABLE);
+    let retry = send(&svc, request("/tx", Some("k1"), "{}")).await;
+    assert_eq!(retry.status, StatusCode::CREATED);
+    assert_eq!(retry.text(), "ran again");
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+}
+
 /// Polls `future` on this thread, outside any runtime, until it is ready; panics after [`HANG`].
 /// For a request that must outlive the runtime that runs its handler.
 fn block_on<F: std::future::Future>(future: F) -> F::Output {
