@@ -283,9 +283,54 @@ mod tests {
             ("text/plain", false),
             ("application/jsonx", false),
             ("json", false),
+            ("application/octet-stream", false),
+            ("application/vnd.api+json", true),
+            ("application/x+json", true),
+            // The suffix needs a name before it; shorter subtypes are not JSON either.
+            ("application/+json", false),
+            ("application/json+", false),
+            ("text/csv", false),
+            ("a/b", false),
+            ("a/", false),
         ] {
             headers.insert(header::CONTENT_TYPE, ct.parse().unwrap());
             assert_eq!(is_json(&headers), json, "{ct}");
+        }
+    }
+
+    /// The memory gives back the digest put under a key, nothing for a key it does not hold,
+    /// and a newer key of the same slot takes the place of the older one.
+    #[test]
+    fn the_memory_gives_back_a_digest_by_its_key() {
+        let memo = DigestMemo::new();
+        let key = [7; 32];
+        assert_eq!(memo.get(&key), None);
+        memo.put(key, [1; 32]);
+        assert_eq!(memo.get(&key), Some([1; 32]));
+        let mut newer = key;
+        newer[31] = 8;
+        assert_eq!(memo.get(&newer), None);
+        memo.put(newer, [2; 32]);
+        assert_eq!(memo.get(&newer), Some([2; 32]));
+        assert_eq!(memo.get(&key), None);
+    }
+
+    /// Keys whose first bytes differ go to slots of their own: the memory holds one key per
+    /// slot, all at once.
+    #[test]
+    fn the_memory_holds_a_key_in_each_slot() {
+        let memo = DigestMemo::new();
+        let key = |i: usize| {
+            let mut key = [0xa5; 32];
+            key[..2].copy_from_slice(&u16::try_from(i).unwrap().to_le_bytes());
+            key
+        };
+        let digest = |i: usize| [u8::try_from(i % 251).unwrap(); 32];
+        for i in 0..MEMO_SLOTS {
+            memo.put(key(i), digest(i));
+        }
+        for i in 0..MEMO_SLOTS {
+            assert_eq!(memo.get(&key(i)), Some(digest(i)), "slot {i}");
         }
     }
 }

@@ -261,3 +261,132 @@ fn plain_run_stops_at_the_first_quote_backslash_or_control_character() {
         }
     }
 }
+
+/// Objects count towards serde_json's nesting limit as arrays do: 127 levels parse, 128 do
+/// not, whether the levels are objects or objects and arrays in turn.
+#[test]
+fn nested_objects_stop_at_the_same_depth_as_arrays() {
+    let objects = |n: usize| r#"{"a":"#.repeat(n) + "0" + &"}".repeat(n);
+    let mixed = |n: usize| {
+        let open: String = (0..n)
+            .map(|i| if i % 2 == 0 { r#"{"a":"# } else { "[" })
+            .collect();
+        let close: String = (0..n)
+            .rev()
+            .map(|i| if i % 2 == 0 { "}" } else { "]" })
+            .collect();
+        open + "0" + &close
+    };
+    for n in [127, 128, 129] {
+        for case in [objects(n), mixed(n)] {
+            assert_eq!(
+                canonical_json(case.as_bytes()),
+                reference(case.as_bytes()),
+                "{n} levels"
+            );
+            assert_eq!(
+                canonical_json(case.as_bytes()).is_some(),
+                n < 128,
+                "{n} levels"
+            );
+        }
+    }
+}
+
+/// A number that serde_json writes in another form keeps its value (`1E2` is written
+/// `100.0`), and the body stays lossless; one that serde_json rounds makes the whole body
+/// lossy, wherever it stands among exact ones.
+#[test]
+fn numbers_written_in_another_form_are_lossless_when_their_value_is_kept() {
+    let cases: [(&str, bool); 16] = [
+        ("1E2", true),
+        ("1e+2", true),
+        ("1E12", true),
+        ("1E-2", true),
+        ("-1E-1", true),
+        ("-0.5e1", true),
+        ("1.5e1", true),
+        ("2.50", true),
+        ("[1E2, 0.5, -1E-1]", true),
+        ("0.10000000000000000001", false),
+        ("-0.10000000000000000001", false),
+        ("12345678901234567890123", false),
+        ("1e-400", false),
+        ("[0.10000000000000000001, 0.5]", false),
+        ("[0.5, 0.10000000000000000001]", false),
+        (r#"{"b":0.10000000000000000001,"a":1E2}"#, false),
+    ];
+    for (body, lossless) in cases {
+        assert_eq!(
+            canonicalize(body.as_bytes()).map(|(_, lossless)| lossless),
+            Some(lossless),
+            "{body}"
+        );
+        assert_eq!(
+            canonical_json(body.as_bytes()),
+            reference(body.as_bytes()),
+            "{body}"
+        );
+    }
+}
+
+/// `Decimal` compares number texts by their exact value, whatever their form.
+#[test]
+fn decimals_are_equal_exactly_when_their_values_are() {
+    let equal = [
+        ("1E2", "100"),
+        ("1E2", "100.0"),
+        ("1e+2", "100.000"),
+        ("1E12", "1000000000000"),
+        ("1E-2", "0.01"),
+        ("-1e-1", "-0.1"),
+        ("-0.5E1", "-5"),
+        ("1.5e1", "15"),
+        ("0.0012e3", "1.2"),
+        ("120e-1", "12"),
+        ("0", "-0.0"),
+        ("0e7", "0.000"),
+    ];
+    let different = [
+        ("-1", "1"),
+        ("1", "2"),
+        ("12", "120"),
+        ("1", "0"),
+        ("1E2", "1E-2"),
+        ("1E2", "10"),
+        ("1E12", "1E21"),
+        ("0.1", "0.10000000000000000001"),
+        ("1e-400", "0"),
+    ];
+    for (a, b) in equal {
+        assert!(
+            Decimal::of(a.as_bytes()) == Decimal::of(b.as_bytes()),
+            "{a} == {b}"
+        );
+    }
+    for (a, b) in different {
+        assert!(
+            Decimal::of(a.as_bytes()) != Decimal::of(b.as_bytes()),
+            "{a} != {b}"
+        );
+    }
+}
+
+/// A string of bytes that are not UTF-8 is not JSON, short or long: `plain_run` reports the
+/// non-ASCII bytes of a short string's byte-by-byte tail as it does those of a chunk.
+#[test]
+fn a_string_that_is_not_utf8_is_not_json() {
+    for n in 1..20 {
+        for byte in [0x80u8, 0xbf, 0xc3, 0xff] {
+            let mut body = vec![b'"'];
+            body.extend(std::iter::repeat_n(byte, n));
+            body.push(b'"');
+            assert_eq!(canonical_json(&body), None, "{body:?}");
+            assert_eq!(
+                plain_run(&body, 1),
+                plain_run_reference(&body, 1),
+                "{body:?}"
+            );
+        }
+    }
+}
