@@ -239,4 +239,22 @@ mod tests {
             Some(Scope::new("org-7"))
         );
     }
+
+    #[test]
+    fn debug_output_names_the_type_and_never_the_scope() {
+        let scope = Scope::new("secret-tenant");
+        assert_eq!(format!("{scope:?}"), "Scope(..)");
+        let digest = ScopeDigest([0xab; 32]);
+        assert_eq!(
+            format!("{digest:?}"),
+            format!("ScopeDigest({})", "ab".repeat(32))
+        );
+        let extension = ExtensionScope::<String>::new();
+        assert_eq!(
+            format!("{extension:?}"),
+            "ExtensionScope { type: \"alloc::string::String\" }"
+        );
+        let from_fn = scope_fn(|_| None);
+        assert_eq!(format!("{from_fn:?}"), "ScopeFn(..)");
+    }
 }

@@ -327,3 +327,31 @@ async fn a_bad_key_is_rejected_with_the_reason_and_the_header() {
         "the idempotency key must not be empty (header x-idempotency-key or idempotency-key)"
     );
 }
+
+/// The layer is ready when the service it wraps is, and passes on its readiness error; its
+/// `Debug` output shows the wrapped service.
+#[tokio::test]
+async fn readiness_is_the_wrapped_services() {
+    use std::task::{Context, Poll};
+
+    use tower::{Layer, ServiceExt};
+
+    #[derive(Clone, Debug)]
+    struct NotReady;
+    impl tower::Service<Request<Body>> for NotReady {
+        type Response = http::Response<Body>;
+        type Error = &'static str;
+        type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Err("the wrapped service is not ready"))
+        }
+        fn call(&mut self, _: Request<Body>) -> Self::Future {
+            std::future::ready(Ok(http::Response::new(Body::empty())))
+        }
+    }
+
+    let mut svc = IdempotencyLayer::new().layer(NotReady);
+    assert!(format!("{svc:?}").starts_with("Idempotency { inner: NotReady"));
+    let error = svc.ready().await.unwrap_err();
+    assert_eq!(error, "the wrapped service is not ready");
+}
