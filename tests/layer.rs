@@ -682,13 +682,19 @@ async fn a_body_over_the_limit_gets_413_without_reading_past_the_limit() {
         .assert_problem(StatusCode::PAYLOAD_TOO_LARGE, "body-too-large");
     assert_eq!(pulled.load(Ordering::SeqCst), 0);
 
-    // Exactly the limit is fine.
+    // Exactly the limit is fine, declared or not.
     let at_limit = keyed(Method::POST, "/calls", "k3")
         .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header(header::CONTENT_LENGTH, limit)
         .body(Body::from(vec![b'x'; limit]))
         .unwrap();
     assert_eq!(send(&app, at_limit).await.status, StatusCode::CREATED);
-    assert_eq!(calls.get(), 1);
+    let undeclared = keyed(Method::POST, "/calls", "k4")
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .body(Body::from(vec![b'x'; limit]))
+        .unwrap();
+    assert_eq!(send(&app, undeclared).await.status, StatusCode::CREATED);
+    assert_eq!(calls.get(), 2);
 }
 
 #[tokio::test]
