@@ -49,6 +49,8 @@ enum Flaw {
     ReplayConsumesTheRecord,
     /// `complete` reports success whether or not it stored the response.
     CompleteAlwaysSucceeds,
+    /// A repeated `complete` by the token that completed the record replaces the response.
+    RepeatCompleteOverwrites,
     /// `complete` with any token completes the lease (as its owner).
     CompleteIgnoresTheToken,
     /// `renew` with any token renews the lease (as its owner).
@@ -96,6 +98,7 @@ struct Flawed {
     flaw: Flaw,
     seen: Arc<Mutex<HashMap<StoreKey, Seen>>>,
     replayed: Arc<Mutex<HashSet<StoreKey>>>,
+    overwritten: Arc<Mutex<HashMap<StoreKey, StoredResponse>>>,
     begins_running: Arc<AtomicUsize>,
 }
 
@@ -110,6 +113,7 @@ impl Flawed {
             flaw,
             seen: Arc::default(),
             replayed: Arc::default(),
+            overwritten: Arc::default(),
             begins_running: Arc::default(),
         }
     }
@@ -200,7 +204,12 @@ impl IdempotencyStore for Flawed {
         }
         let answer = self.inner.begin(key, fingerprint, lease).await;
         self.begins_running.fetch_sub(1, Ordering::SeqCst);
-        let answer = answer?;
+        let mut answer = answer?;
+        if let Begin::Completed { response, .. } = &mut answer
+            && let Some(overwritten) = lock(&self.overwritten).get(key)
+        {
+            *response = overwritten.clone();
+        }
         if let Begin::Acquired(token) = answer {
             lock(&self.seen).insert(
                 *key,
@@ -310,6 +319,10 @@ impl IdempotencyStore for Flawed {
         }
         Ok(match self.flaw {
             Flaw::CompleteAlwaysSucceeds => true,
+            Flaw::RepeatCompleteOverwrites if completed_by == Some(token) => {
+                lock(&self.overwritten).insert(*key, response.clone());
+                true
+            }
             Flaw::StrangerCompletesACompletedRecord => {
                 completed || completed_by.is_some_and(|by| by != token)
             }
@@ -415,7 +428,11 @@ fn cases() -> Vec<Case> {
             ReplayConsumesTheRecord,
             check!(complete_then_begin_replays_byte_exact),
         ),
-        case(CompleteAlwaysSucceeds, check!(complete_needs_a_live_lease)),
+        case(
+            RepeatCompleteOverwrites,
+            check!(complete_needs_a_live_lease),
+        ),
+        case(CompleteAlwaysSucceeds, check!(wrong_token_changes_nothing)),
         case(CompleteIgnoresTheToken, check!(wrong_token_changes_nothing)),
         case(RenewIgnoresTheToken, check!(wrong_token_changes_nothing)),
         case(ReleaseIgnoresTheToken, check!(wrong_token_changes_nothing)),
