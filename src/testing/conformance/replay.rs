@@ -43,17 +43,16 @@ pub async fn complete_then_begin_replays_byte_exact<S: IdempotencyStore>(store: 
     }
 }
 
-/// Once completed, the token owns nothing: a second `complete`, a `renew` or a `release` with
-/// it returns false and the stored response stays.
+/// Once completed, the token owns nothing: a `renew` or a `release` with it returns false, a
+/// repeated `complete` (either answer is allowed) changes nothing, and the response stays.
 pub async fn complete_needs_a_live_lease<S: IdempotencyStore>(store: &S) {
     let key = random_key();
     let token = acquire(store, &key, &random_fingerprint(), LONG).await;
     let first = marked_response("first");
     assert!(complete(store, &key, token, &first, LONG).await);
-    assert!(
-        !complete(store, &key, token, &marked_response("second"), LONG).await,
-        "a second complete with the same token is refused"
-    );
+    // The contract lets a repeat by the completing token answer `true` (a store that remembers
+    // it, as `RedisStore` with `wait_replicas`) or `false`; neither may change the response.
+    let _either = complete(store, &key, token, &marked_response("second"), LONG).await;
     assert!(
         !renew(store, &key, token, LONG).await,
         "renew after complete"
