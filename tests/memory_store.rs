@@ -291,3 +291,39 @@ async fn expired_response_is_never_replayed_before_a_sweep() {
         "the expired response's bytes are released"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn len_is_empty_and_debug_count_records_and_bytes() {
+    let store = MemoryStore::builder().sweep_interval(NEVER).build();
+    assert!(store.is_empty());
+    assert_eq!(format!("{store:?}"), "MemoryStore { records: 0, bytes: 0 }");
+    let key = random_key();
+    let token = acquire(&store, &key, &random_fingerprint(), LONG).await;
+    assert!(!store.is_empty());
+    assert_eq!(store.len(), 1);
+    let response = body_of(10);
+    assert!(store.complete(&key, token, &response, LONG).await.unwrap());
+    assert_eq!(
+        format!("{store:?}"),
+        format!("MemoryStore {{ records: 1, bytes: {} }}", response.weight())
+    );
+}
+
+/// A lease is over at its expiry instant: a duplicate waiting on it then returns at once
+/// (to take it over), rather than sleeping out its timeout.
+#[tokio::test(start_paused = true)]
+async fn wait_on_a_lease_at_its_expiry_returns_at_once() {
+    let store = MemoryStore::builder().sweep_interval(NEVER).build();
+    let key = random_key();
+    acquire(&store, &key, &random_fingerprint(), SHORT).await;
+    tokio::time::advance(SHORT).await;
+    let start = Instant::now();
+    store.wait(&key, LONG).await.unwrap();
+    assert_eq!(start.elapsed(), Duration::ZERO);
+    // Before its expiry, the same wait sleeps (here: out its timeout, as nothing completes).
+    let live = random_key();
+    acquire(&store, &live, &random_fingerprint(), LONG).await;
+    let start = Instant::now();
+    store.wait(&live, SHORT).await.unwrap();
+    assert_eq!(start.elapsed(), SHORT);
+}
