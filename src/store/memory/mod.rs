@@ -428,4 +428,21 @@ mod tests {
         assert_eq!(store.sweep(), 1);
         assert_eq!(store.len(), 0);
     }
+
+    #[test]
+    fn builder_settings_are_kept_in_any_order() {
+        let store = MemoryStore::builder()
+            .max_records(7)
+            .sweep_batch(3)
+            .when_full(WhenFull::Refuse)
+            .build();
+        assert_eq!(store.inner.max_records, 7);
+        assert_eq!(store.inner.sweep_batch, 3);
+        assert!(
+            !store.inner.completions.enabled(),
+            "a store that refuses keeps no eviction queue"
+        );
+        let at_least_one = MemoryStore::builder().sweep_batch(0).build();
+        assert_eq!(at_least_one.inner.sweep_batch, 1);
+    }
 }
