@@ -34,7 +34,7 @@ use sha2::{Digest, Sha256};
 
 pub use crate::canonical_json::canonical_json;
 use crate::{
-    canonical_json::canonicalize,
+    canonical_json::with_lossless_canonical,
     key::IdempotencyKey,
     scope::Scope,
     store::{Fingerprint, StoreKey},
@@ -127,8 +127,11 @@ pub fn fingerprint(
 /// body parses and its canonical form keeps all it says (no key twice in one object, every
 /// number exact as a double; see the [module docs](self)), the raw bytes otherwise.
 pub fn body_digest(body: &[u8], json: bool) -> (BodyKind, [u8; 32]) {
-    if json && let Some((canonical, true)) = canonicalize(body) {
-        return (BodyKind::Json, Sha256::digest(&canonical).into());
+    if json
+        && let Some(digest) =
+            with_lossless_canonical(body, |canonical| Sha256::digest(canonical).into())
+    {
+        return (BodyKind::Json, digest);
     }
     (BodyKind::Raw, Sha256::digest(body).into())
 }
@@ -266,6 +269,7 @@ pub fn is_json(headers: &HeaderMap) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::canonical_json::canonicalize;
 
     fn id<'a>(scope: &'a Scope, path: &'a str, key: &'a IdempotencyKey) -> RequestIdentity<'a> {
         RequestIdentity {
@@ -397,6 +401,39 @@ mod tests {
             let entry = slot.as_ref().unwrap();
             assert_eq!(entry.body, body);
             assert!(entry.body.capacity() <= MEMO_MAX_BODY);
+        }
+    }
+
+    #[test]
+    fn a_json_digest_does_not_depend_on_the_bodies_digested_before_it() {
+        let wide = format!(
+            "{{{}}}",
+            (0..5000)
+                .rev()
+                .map(|i| format!(r#""k{i:05}":[{i},{{"z":"\u00e9","a":null}}]"#))
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        let bodies: [&[u8]; 8] = [
+            br#"{"b":{"d":1,"c":[2,{"f":"\n","e":3}]},"a":"\u0041"}"#,
+            br#"{"b":{"d":1,"c":[2,{"f":"\n""#,
+            wide.as_bytes(),
+            br#"{"a":1,"a":2}"#,
+            br#"[{"y":1,"x":2}, 1.5e3, "s"]"#,
+            b"not json",
+            br#"{"z":[{"b":1,"a":2}],"y":{"d":{},"c":[]}}"#,
+            b"{}",
+        ];
+        let expected = |body: &[u8]| match canonicalize(body) {
+            Some((canonical, true)) => (BodyKind::Json, Sha256::digest(&canonical).into()),
+            _ => (BodyKind::Raw, Sha256::digest(body).into()),
+        };
+        // Each body after each other one (and after itself), on one thread.
+        for first in bodies {
+            for second in bodies {
+                body_digest(first, true);
+                assert_eq!(body_digest(second, true), expected(second));
+            }
         }
     }
 
