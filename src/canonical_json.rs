@@ -509,3 +509,21 @@ thread_local! {
 
 #[cfg(test)]
 mod tests;
+
+/// The buffers' bound, beside [`tests`] (whose file holds the canonical form's own tests).
+#[cfg(test)]
+mod buffer_tests {
+    use super::*;
+
+    #[test]
+    fn a_buffer_is_kept_up_to_its_limit_and_dropped_past_it() {
+        assert_eq!(
+            kept(Vec::<u8>::with_capacity(KEPT_BYTES), KEPT_BYTES).capacity(),
+            KEPT_BYTES
+        );
+        assert_eq!(
+            kept(Vec::<u8>::with_capacity(KEPT_BYTES + 1), KEPT_BYTES).capacity(),
+            0
+        );
+    }
+}

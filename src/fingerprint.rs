@@ -405,6 +405,25 @@ mod tests {
     }
 
     #[test]
+    fn a_slot_keeps_its_room_for_a_body_that_fits() {
+        let memo = DigestMemo::new();
+        let request = StoreKey([1; 32]);
+        let room = |memo: &DigestMemo| {
+            let slot = memo.slot(&request);
+            let entry = slot.as_ref().unwrap();
+            (entry.body.as_ptr(), entry.body.capacity())
+        };
+        memo.body_digest(&request, &json_of_len(5_000));
+        let before = room(&memo);
+        let shorter = json_of_len(100);
+        assert_eq!(
+            memo.body_digest(&request, &shorter),
+            body_digest(&shorter, true)
+        );
+        assert_eq!(room(&memo), before);
+    }
+
+    #[test]
     fn a_json_digest_does_not_depend_on_the_bodies_digested_before_it() {
         let wide = format!(
             "{{{}}}",
