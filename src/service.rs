@@ -308,11 +308,12 @@ where
         key: &key,
     };
     let json = config.canonical_json && fingerprint::is_json(&parts.headers);
-    let (kind, digest) = fingerprint::body_digest_remembered(&scope, &bytes, json);
+    let request_key = fingerprint::store_key(&id);
+    let (kind, digest) = fingerprint::body_digest_remembered(&request_key, &bytes, json);
     let fp = fingerprint::fingerprint(&id, uri.query(), kind, &digest);
     let store_key = match config.key_reuse {
         KeyReuse::NewRequest => StoreKey(fp.0),
-        KeyReuse::Reject => fingerprint::store_key(&id),
+        KeyReuse::Reject => request_key,
     };
 
     // Begin.
