@@ -429,3 +429,207 @@ proptest! {
         );
     }
 }
+
+/// A document with one operation for every method an OpenAPI path item has, plus `QUERY`
+/// and an extension method `PURGE`, each answering 200.
+fn every_method_doc() -> OpenApi {
+    let op = || Some(operation(&["200"]).build());
+    let mut item = PathItem::new(HttpMethod::Post, operation(&["201"]));
+    item.get = op();
+    item.put = op();
+    item.delete = op();
+    item.patch = op();
+    item.options = op();
+    item.head = op();
+    item.trace = op();
+    item.query = op();
+    item.additional_operations = [("PURGE".to_owned(), operation(&["200"]).build())]
+        .into_iter()
+        .collect();
+    OpenApiBuilder::new()
+        .info(Info::new("test", "1"))
+        .paths(Paths::builder().path("/things", item))
+        .build()
+}
+
+#[test]
+fn a_covered_route_of_any_method_gets_the_key_parameters() {
+    let methods = [
+        "GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD", "TRACE", "QUERY", "PURGE",
+    ];
+    for covered in methods {
+        let layer = IdempotencyLayer::new()
+            .route("/things", Method::from_bytes(covered.as_bytes()).unwrap());
+        let mut doc = every_method_doc();
+        layer.openapi().apply(&mut doc).unwrap();
+        let after = json_of(&doc);
+        let item = &after["paths"]["/things"];
+        for method in methods {
+            let op = match method {
+                "PURGE" => &item["additionalOperations"]["PURGE"],
+                _ => &item[method.to_lowercase()],
+            };
+            let refs = parameter_refs(op);
+            if method == covered {
+                assert_eq!(refs.len(), 2, "{covered}: {item}");
+            } else {
+                assert!(
+                    refs.is_empty(),
+                    "{covered} covered, {method} changed: {item}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn a_key_parameter_of_another_kind_or_name_is_no_key_parameter() {
+    use utoipa::openapi::{
+        RefOr,
+        path::{ParameterBuilder, ParameterIn},
+    };
+
+    // A query parameter named like the key header, and a header parameter of another name:
+    // neither stands for the key header, which is still added.
+    let mut op = operation(&["201"]).build();
+    op.parameters = Some(vec![
+        RefOr::T(
+            ParameterBuilder::new()
+                .name("Idempotency-Key")
+                .parameter_in(ParameterIn::Query)
+                .build(),
+        ),
+        RefOr::T(
+            ParameterBuilder::new()
+                .name("X-Tenant")
+                .parameter_in(ParameterIn::Header)
+                .build(),
+        ),
+    ]);
+    let mut doc = OpenApiBuilder::new()
+        .info(Info::new("test", "1"))
+        .paths(Paths::builder().path("/calls", PathItem::new(HttpMethod::Post, op)))
+        .build();
+    IdempotencyLayer::new()
+        .post("/calls")
+        .openapi()
+        .apply(&mut doc)
+        .unwrap();
+    let after = json_of(&doc);
+    let op = &after["paths"]["/calls"]["post"];
+    assert_eq!(
+        parameter_refs(op),
+        [
+            "#/components/parameters/IdempotencyKeyHeader.X-Idempotency-Key",
+            "#/components/parameters/IdempotencyKeyHeader.Idempotency-Key"
+        ]
+    );
+    assert_eq!(op["parameters"].as_array().unwrap().len(), 4);
+}
+
+#[test]
+fn as_a_utoipa_modifier_it_applies_itself() {
+    let mut doc = doc();
+    IdempotencyLayer::new()
+        .post("/calls")
+        .openapi()
+        .modify(&mut doc);
+    assert_eq!(
+        parameter_refs(&json_of(&doc)["paths"]["/calls"]["post"]).len(),
+        2
+    );
+}
+
+#[test]
+fn debug_output_shows_the_routes_and_headers() {
+    let openapi = IdempotencyLayer::new().post("/calls").openapi();
+    let debug = format!("{openapi:?}");
+    assert!(debug.starts_with("IdempotencyOpenApi {"), "{debug}");
+    assert!(debug.contains("/calls"), "{debug}");
+    assert!(debug.contains("idempotency-key"), "{debug}");
+}
+
+#[test]
+fn the_key_description_names_the_other_headers_only_when_there_are_several() {
+    let description = |layer: IdempotencyLayer, shown: &str| {
+        let after = applied(&layer.post("/calls"));
+        after["components"]["parameters"][format!("IdempotencyKeyHeader.{shown}")]["description"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let one = description(
+        IdempotencyLayer::new().header_name(HeaderName::from_static("x-request-key")),
+        "X-Request-Key",
+    );
+    assert!(!one.contains("never two at once"), "{one}");
+    let two = description(IdempotencyLayer::new(), "Idempotency-Key");
+    assert!(
+        two.contains("one of X-Idempotency-Key, Idempotency-Key, never two at once"),
+        "{two}"
+    );
+    let three = description(
+        IdempotencyLayer::new().header_names([
+            HeaderName::from_static("a-key"),
+            HeaderName::from_static("b-key"),
+            HeaderName::from_static("c-key"),
+        ]),
+        "A-Key",
+    );
+    assert!(
+        three.contains("one of A-Key, B-Key, C-Key, never two at once"),
+        "{three}"
+    );
+}
+
+#[test]
+fn the_descriptions_under_one_status_are_separated_by_a_blank_line() {
+    use tower_idempotency::problem::Problem;
+
+    // A hook that answers every rejection with 400: all their descriptions meet there.
+    let layer = IdempotencyLayer::new()
+        .post("/voices")
+        .reject_with(|problem: Problem| (StatusCode::BAD_REQUEST, problem.detail));
+    let mut doc = doc();
+    layer
+        .openapi()
+        .rejection_schema(ObjectBuilder::new())
+        .apply(&mut doc)
+        .unwrap();
+    let after = json_of(&doc);
+    let description = after["paths"]["/voices"]["post"]["responses"]["400"]["description"]
+        .as_str()
+        .unwrap();
+    let parts: Vec<&str> = description.split("\n\n").collect();
+    assert!(parts.len() >= 3, "{description:?}");
+    assert_eq!(parts[0], "app 400", "{description:?}");
+    for part in &parts[1..] {
+        assert!(
+            part.ends_with('.') && !part.starts_with('\n'),
+            "{description:?}"
+        );
+    }
+}
+
+#[test]
+fn a_hook_s_body_up_to_64_kib_is_an_example() {
+    use tower_idempotency::problem::Problem;
+
+    let body = "x".repeat(2000);
+    let layer = {
+        let body = body.clone();
+        IdempotencyLayer::new()
+            .post("/calls")
+            .reject_with(move |problem: Problem| (problem.status(), body.clone()))
+    };
+    let mut doc = doc();
+    layer
+        .openapi()
+        .rejection_schema(ObjectBuilder::new())
+        .rejection_content_type("text/plain")
+        .apply(&mut doc)
+        .unwrap();
+    let after = json_of(&doc);
+    let conflict = &after["paths"]["/calls"]["post"]["responses"]["409"]["content"]["text/plain"];
+    assert_eq!(conflict["examples"]["in-flight"]["value"], body.as_str());
+}
