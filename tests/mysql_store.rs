@@ -1463,3 +1463,18 @@ async fn a_crashed_server_answers_503_and_back_up_serves_again_without_restart()
          before the first 201; the response stored before the crash replayed; handler runs: 3"
     );
 }
+
+/// `Debug` shows the table and the cleanup batch, and nothing of the pool's connection string.
+#[tokio::test]
+async fn debug_output_shows_the_table_and_batch() {
+    let pool = MySqlPool::connect_lazy("mysql://user:secret@127.0.0.1:1/test").unwrap();
+    let store = MySqlStore::new(pool)
+        .with_table_name("calls_records")
+        .unwrap()
+        .cleanup_batch(250);
+    let debug = format!("{store:?}");
+    assert!(debug.starts_with("MySqlStore {"), "{debug}");
+    assert!(debug.contains("calls_records"), "{debug}");
+    assert!(debug.contains("cleanup_batch: 250"), "{debug}");
+    assert!(!debug.contains("secret"), "{debug}");
+}

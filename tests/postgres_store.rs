@@ -533,3 +533,18 @@ async fn table_names_must_be_plain_identifiers() {
         "my_records"
     );
 }
+
+/// `Debug` shows the table and the cleanup batch, and nothing of the pool's connection string.
+#[tokio::test]
+async fn debug_output_shows_the_table_and_batch() {
+    let pool = PgPool::connect_lazy("postgres://user:secret@127.0.0.1:1/test").unwrap();
+    let store = PostgresStore::new(pool)
+        .with_table_name("calls_records")
+        .unwrap()
+        .cleanup_batch(250);
+    let debug = format!("{store:?}");
+    assert!(debug.starts_with("PostgresStore {"), "{debug}");
+    assert!(debug.contains("calls_records"), "{debug}");
+    assert!(debug.contains("cleanup_batch: 250"), "{debug}");
+    assert!(!debug.contains("secret"), "{debug}");
+}
