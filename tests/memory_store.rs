@@ -15,7 +15,7 @@ use http::{HeaderMap, StatusCode};
 use tokio::time::Instant;
 use tower_idempotency::{
     MemoryStore, StoredResponse,
-    store::{Begin, IdempotencyStore, StoreErrorKind, WhenFull},
+    store::{Begin, IdempotencyStore, StoreErrorKind, StoreKey, WhenFull},
 };
 
 /// A sweeper interval long enough that only `sweep()` (or `begin` at a bound) reclaims.
@@ -326,4 +326,96 @@ async fn wait_on_a_lease_at_its_expiry_returns_at_once() {
     let start = Instant::now();
     store.wait(&live, SHORT).await.unwrap();
     assert_eq!(start.elapsed(), SHORT);
+}
+
+/// A lease is over at its expiry instant: `begin` then takes the key over.
+#[tokio::test(start_paused = true)]
+async fn a_lease_at_its_expiry_instant_is_taken_over() {
+    let store = MemoryStore::builder().sweep_interval(NEVER).build();
+    let key = random_key();
+    acquire(&store, &key, &random_fingerprint(), SHORT).await;
+    tokio::time::advance(SHORT).await;
+    match store
+        .begin(&key, &random_fingerprint(), LONG)
+        .await
+        .unwrap()
+    {
+        Begin::Acquired(_) => {}
+        other => panic!("expected Acquired, got {other:?}"),
+    }
+}
+
+/// A completed response is over at its expiry instant: `begin` then takes the key over.
+#[tokio::test(start_paused = true)]
+async fn a_response_at_its_expiry_instant_is_taken_over() {
+    let store = MemoryStore::builder().sweep_interval(NEVER).build();
+    let key = random_key();
+    let token = acquire(&store, &key, &random_fingerprint(), LONG).await;
+    assert!(
+        store
+            .complete(&key, token, &body_of(5), SHORT)
+            .await
+            .unwrap()
+    );
+    tokio::time::advance(SHORT).await;
+    match store
+        .begin(&key, &random_fingerprint(), LONG)
+        .await
+        .unwrap()
+    {
+        Begin::Acquired(_) => {}
+        other => panic!("expected Acquired, got {other:?}"),
+    }
+}
+
+/// At the record bound, a key whose record has expired is taken over in place: it needs no
+/// new room, so it is acquired even when reclaiming finds nothing to remove (here the sweep's
+/// one-entry batch meets the stale index entry of a released lease first, in shard 0).
+#[tokio::test(start_paused = true)]
+async fn an_expired_key_at_the_record_bound_is_taken_over_without_new_room() {
+    let store = MemoryStore::builder()
+        .max_records(1)
+        .when_full(WhenFull::Refuse)
+        .sweep_batch(1)
+        .sweep_interval(NEVER)
+        .build();
+    let released = StoreKey([0; 32]);
+    let token = acquire(&store, &released, &random_fingerprint(), SHORT).await;
+    assert!(store.release(&released, token).await.unwrap());
+    let key = StoreKey([1; 32]);
+    acquire(&store, &key, &random_fingerprint(), SHORT).await;
+    tokio::time::sleep(SHORT + MARGIN).await;
+    match store
+        .begin(&key, &random_fingerprint(), LONG)
+        .await
+        .unwrap()
+    {
+        Begin::Acquired(_) => {}
+        other => panic!("expected Acquired, got {other:?}"),
+    }
+    assert_eq!(store.len(), 1);
+}
+
+/// Rebuilding an index shard (here at once: four records in one shard, a batch of 1) keeps
+/// the entries of the records still there, so each is swept once it expires.
+#[tokio::test(start_paused = true)]
+async fn records_are_swept_after_their_index_shard_was_rebuilt() {
+    let store = MemoryStore::builder()
+        .sweep_batch(1)
+        .sweep_interval(NEVER)
+        .build();
+    for n in 1..=4 {
+        // First byte 16 * n: all in the same shard.
+        acquire(
+            &store,
+            &StoreKey([16 * n; 32]),
+            &random_fingerprint(),
+            SHORT,
+        )
+        .await;
+    }
+    assert_eq!(store.sweep(), 0, "nothing is due yet");
+    tokio::time::sleep(SHORT + MARGIN).await;
+    assert_eq!(store.sweep(), 4);
+    assert!(store.is_empty());
 }

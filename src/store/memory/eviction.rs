@@ -205,3 +205,78 @@ impl EvictionReport {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Shard 3 of the queue: keys whose first byte is 3.
+    const SHARD: usize = 3;
+
+    fn entry(n: u8, completed_at: Instant, expires_at: Instant) -> Completion {
+        let mut key = [n; 32];
+        key[0] = SHARD as u8;
+        Completion {
+            completed_at,
+            expires_at,
+            key: StoreKey(key),
+        }
+    }
+
+    fn keys_left(queue: &CompletionQueue) -> Vec<u8> {
+        CompletionQueue::lock(&queue.shards[SHARD])
+            .iter()
+            .map(|entry| entry.key.0[1])
+            .collect()
+    }
+
+    /// A queue holding, in completion order: a live entry (1), one that expired before `now`
+    /// (2), one that expires exactly at `now` (3) and another live one (4).
+    fn queue_with_expired_entries_behind_a_live_front(now: Instant) -> CompletionQueue {
+        let queue = CompletionQueue::new(WhenFull::EvictOldest);
+        let start = now - Duration::from_secs(10);
+        let later = now + Duration::from_secs(60);
+        queue.push(entry(1, start, later));
+        queue.push(entry(2, start, now - Duration::from_secs(1)));
+        queue.push(entry(3, start, now));
+        queue.push(entry(4, start, later));
+        queue
+    }
+
+    #[test]
+    fn trim_drops_expired_entries_at_the_front_and_keeps_live_ones() {
+        let now = Instant::now();
+        let start = now - Duration::from_secs(10);
+        let queue = CompletionQueue::new(WhenFull::EvictOldest);
+        queue.push(entry(1, start, now - Duration::from_secs(1)));
+        queue.push(entry(2, start, now));
+        queue.push(entry(3, start, now + Duration::from_secs(60)));
+        queue.push(entry(4, start, now + Duration::from_secs(1)));
+        queue.trim(SHARD, now, usize::MAX);
+        assert_eq!(
+            keys_left(&queue),
+            [3, 4],
+            "entries expired (at or before now) at the front go, live ones stay"
+        );
+    }
+
+    #[test]
+    fn trim_keeps_expired_entries_behind_a_live_front_up_to_the_threshold() {
+        let now = Instant::now();
+        let queue = queue_with_expired_entries_behind_a_live_front(now);
+        queue.trim(SHARD, now, 4);
+        assert_eq!(keys_left(&queue), [1, 2, 3, 4], "4 entries, threshold 4");
+    }
+
+    #[test]
+    fn trim_drops_every_expired_entry_past_the_threshold() {
+        let now = Instant::now();
+        let queue = queue_with_expired_entries_behind_a_live_front(now);
+        queue.trim(SHARD, now, 3);
+        assert_eq!(
+            keys_left(&queue),
+            [1, 4],
+            "4 entries, threshold 3: the expired ones go, the one expiring at now with them"
+        );
+    }
+}

@@ -94,3 +94,32 @@ impl ExpiryIndex {
         (0..SHARDS).map(|shard| self.lock(shard).len()).sum()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn take_due_takes_at_most_a_batch_and_leaves_the_rest_for_the_next() {
+        let index = ExpiryIndex::new();
+        let now = Instant::now();
+        for n in 0..5u8 {
+            // Two shards, so that the batch ends within the second one.
+            index.schedule(
+                StoreKey([n % 2; 32]),
+                now - Duration::from_secs(u64::from(n)),
+            );
+        }
+        index.schedule(StoreKey([9; 32]), now + Duration::from_secs(1));
+        assert_eq!(index.take_due(now, 3).len(), 3);
+        assert_eq!(
+            index.take_due(now, 3).len(),
+            2,
+            "the rest of the due entries"
+        );
+        assert!(index.take_due(now, 3).is_empty(), "the last one is not due");
+        assert_eq!(index.len(), 1);
+    }
+}

@@ -445,4 +445,106 @@ mod tests {
         let at_least_one = MemoryStore::builder().sweep_batch(0).build();
         assert_eq!(at_least_one.inner.sweep_batch, 1);
     }
+
+    /// A key in shard `shard` of the expiry index and of the completion queue.
+    fn key_in_shard(shard: u8, n: u8) -> StoreKey {
+        let mut key = [n; 32];
+        key[0] = shard;
+        StoreKey(key)
+    }
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    /// 64 records (4 in each of the 16 shards) and a batch of 2: a shard is rebuilt once it
+    /// holds more than 2 * 64 / 16 + 2 = 10 index entries, twice its share of the records
+    /// plus a batch. Below that, the sweep leaves stale entries alone (rebuilding a shard reads
+    /// all of its records).
+    #[tokio::test(start_paused = true)]
+    async fn an_index_shard_is_rebuilt_once_past_twice_its_share_of_the_records_plus_a_batch() {
+        let store = MemoryStore::builder()
+            .sweep_batch(2)
+            .background_sweep(false)
+            .build();
+        let fp = Fingerprint([1; 32]);
+        for n in 0..64u8 {
+            store
+                .begin(&key_in_shard(n % 16, n), &fp, HOUR)
+                .await
+                .unwrap();
+        }
+        let release_one = |n: u8| {
+            let store = store.clone();
+            async move {
+                let key = key_in_shard(0, 100 + n);
+                let Begin::Acquired(token) = store.begin(&key, &fp, HOUR).await.unwrap() else {
+                    panic!("a fresh key is acquired");
+                };
+                assert!(store.release(&key, token).await.unwrap());
+            }
+        };
+        for n in 0..6 {
+            release_one(n).await;
+        }
+        assert_eq!(store.sweep(), 0);
+        assert_eq!(
+            index_len(&store),
+            64 + 6,
+            "shard 0 holds 4 + 6 = 10 entries: kept"
+        );
+        release_one(6).await;
+        assert_eq!(store.sweep(), 0);
+        assert_eq!(
+            index_len(&store),
+            64,
+            "shard 0 held 4 + 7 = 11 entries: its stale ones are dropped, its records' kept"
+        );
+    }
+
+    /// The same threshold for the completion queue: with 64 live completed records (4 a shard)
+    /// and a batch of 2, the expired entries behind a live front of a shard are dropped once
+    /// the shard holds more than 10 entries.
+    #[tokio::test(start_paused = true)]
+    async fn a_queue_shard_drops_expired_entries_past_twice_its_share_of_records_plus_a_batch() {
+        let store = MemoryStore::builder()
+            .sweep_batch(2)
+            .background_sweep(false)
+            .build();
+        let fp = Fingerprint([1; 32]);
+        let response = StoredResponse {
+            status: StatusCode::CREATED,
+            headers: HeaderMap::new(),
+            body: bytes::Bytes::from_static(b"ok"),
+        };
+        let complete = |key: StoreKey, ttl: Duration| {
+            let (store, response) = (store.clone(), response.clone());
+            async move {
+                let Begin::Acquired(token) = store.begin(&key, &fp, HOUR).await.unwrap() else {
+                    panic!("a fresh key is acquired");
+                };
+                assert!(store.complete(&key, token, &response, ttl).await.unwrap());
+            }
+        };
+        for n in 0..64u8 {
+            complete(key_in_shard(n % 16, n), HOUR).await;
+        }
+        let short = Duration::from_secs(1);
+        for n in 0..6 {
+            complete(key_in_shard(0, 100 + n), short).await;
+        }
+        tokio::time::advance(short).await;
+        assert_eq!(store.sweep(), 6);
+        assert_eq!(
+            store.inner.completions.len(),
+            64 + 6,
+            "shard 0 holds 4 + 6 = 10 entries: kept"
+        );
+        complete(key_in_shard(0, 106), short).await;
+        tokio::time::advance(short).await;
+        assert_eq!(store.sweep(), 1);
+        assert_eq!(
+            store.inner.completions.len(),
+            64,
+            "shard 0 held 4 + 7 = 11 entries: the expired ones are dropped"
+        );
+    }
 }
