@@ -1,0 +1,102 @@
+//! Per-thread buffers for canonicalizing a body only to digest it: the canonical form is needed
+//! for a moment, so the buffers are reused from one body to the next.
+
+use std::ops::Range;
+
+use super::{Canonicalizer, Text};
+
+/// [`canonicalize`](super::canonicalize), handing the canonical form to `f` when it is lossless; `None` when the body
+/// is not JSON or its canonical form is not lossless. For a digest, which needs the form only
+/// for a moment: the buffers are kept per thread and reused, so a body is canonicalized without
+/// allocating once they have grown to its size; a buffer that grew past [`KEPT_BYTES`] bytes (or
+/// [`KEPT_MEMBERS`] members) is dropped afterwards rather than kept.
+pub(crate) fn with_lossless_canonical<R>(body: &[u8], f: impl FnOnce(&[u8]) -> R) -> Option<R> {
+    let mut buffers = BUFFERS.take();
+    buffers.out.clear();
+    let mut c = Canonicalizer {
+        input: body,
+        pos: 0,
+        out: buffers.out,
+        members: buffers.members,
+        scratch: buffers.scratch,
+        lossless: true,
+    };
+    c.out.reserve(body.len());
+    c.skip_whitespace();
+    let parsed = c.value(0).is_some() && {
+        c.skip_whitespace();
+        c.pos == body.len()
+    };
+    let result = (parsed && c.lossless).then(|| f(&c.out));
+    c.members.clear();
+    BUFFERS.set(Buffers {
+        out: kept(c.out, KEPT_BYTES),
+        members: kept(recycled(c.members), KEPT_MEMBERS),
+        scratch: kept(c.scratch, KEPT_BYTES),
+    });
+    result
+}
+
+/// The most bytes that the output and the scratch buffer of [`with_lossless_canonical`] each
+/// keep between bodies: 64 KiB.
+const KEPT_BYTES: usize = 64 * 1024;
+
+/// The most members its members buffer keeps between bodies: 4,096, of 40 bytes each (160 KiB;
+/// only after a body with that many members in its open objects at once). So a thread keeps at
+/// most 288 KiB.
+const KEPT_MEMBERS: usize = 4096;
+
+/// `buffer`, or an empty one in its place when its capacity is over `limit`.
+fn kept<T>(buffer: Vec<T>, limit: usize) -> Vec<T> {
+    if buffer.capacity() > limit {
+        Vec::new()
+    } else {
+        buffer
+    }
+}
+
+/// An empty members buffer, for any input's lifetime, in the same allocation: the standard
+/// library collects a mapped `into_iter` in place when the element types have the same size and
+/// alignment (were it ever not to, this would allocate anew, and nothing worse).
+fn recycled<'a, 'b>(members: Vec<(Text<'a>, Range<usize>)>) -> Vec<(Text<'b>, Range<usize>)> {
+    debug_assert!(members.is_empty());
+    members
+        .into_iter()
+        .map(|(_, range)| (Text::Plain(&[]), range))
+        .collect()
+}
+
+/// [`with_lossless_canonical`]'s buffers, kept for the next body.
+#[derive(Default)]
+struct Buffers {
+    out: Vec<u8>,
+    members: Vec<(Text<'static>, Range<usize>)>,
+    scratch: Vec<u8>,
+}
+
+thread_local! {
+    static BUFFERS: std::cell::Cell<Buffers> = const {
+        std::cell::Cell::new(Buffers {
+            out: Vec::new(),
+            members: Vec::new(),
+            scratch: Vec::new(),
+        })
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_buffer_is_kept_up_to_its_limit_and_dropped_past_it() {
+        assert_eq!(
+            kept(Vec::<u8>::with_capacity(KEPT_BYTES), KEPT_BYTES).capacity(),
+            KEPT_BYTES
+        );
+        assert_eq!(
+            kept(Vec::<u8>::with_capacity(KEPT_BYTES + 1), KEPT_BYTES).capacity(),
+            0
+        );
+    }
+}
