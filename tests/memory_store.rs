@@ -15,7 +15,7 @@ use http::{HeaderMap, StatusCode};
 use tokio::time::Instant;
 use tower_idempotency::{
     MemoryStore, StoredResponse,
-    store::{Begin, IdempotencyStore, StoreErrorKind, StoreKey, WhenFull},
+    store::{IdempotencyStore, StoreErrorKind, StoreKey, WhenFull},
 };
 
 /// A sweeper interval long enough that only `sweep()` (or `begin` at a bound) reclaims.
@@ -277,14 +277,8 @@ async fn expired_response_is_never_replayed_before_a_sweep() {
     );
     tokio::time::sleep(SHORT + MARGIN).await;
     assert_eq!(store.len(), 1, "not swept");
-    match store
-        .begin(&key, &random_fingerprint(), LONG)
-        .await
-        .unwrap()
-    {
-        Begin::Acquired(_) => {}
-        other => panic!("expected Acquired, got {other:?}"),
-    }
+    // Taken over: `acquire` panics unless `begin` answers Acquired.
+    acquire(&store, &key, &random_fingerprint(), LONG).await;
     assert_eq!(
         store.bytes(),
         0,
@@ -335,14 +329,8 @@ async fn a_lease_at_its_expiry_instant_is_taken_over() {
     let key = random_key();
     acquire(&store, &key, &random_fingerprint(), SHORT).await;
     tokio::time::advance(SHORT).await;
-    match store
-        .begin(&key, &random_fingerprint(), LONG)
-        .await
-        .unwrap()
-    {
-        Begin::Acquired(_) => {}
-        other => panic!("expected Acquired, got {other:?}"),
-    }
+    // Taken over: `acquire` panics unless `begin` answers Acquired.
+    acquire(&store, &key, &random_fingerprint(), LONG).await;
 }
 
 /// A completed response is over at its expiry instant: `begin` then takes the key over.
@@ -358,14 +346,8 @@ async fn a_response_at_its_expiry_instant_is_taken_over() {
             .unwrap()
     );
     tokio::time::advance(SHORT).await;
-    match store
-        .begin(&key, &random_fingerprint(), LONG)
-        .await
-        .unwrap()
-    {
-        Begin::Acquired(_) => {}
-        other => panic!("expected Acquired, got {other:?}"),
-    }
+    // Taken over: `acquire` panics unless `begin` answers Acquired.
+    acquire(&store, &key, &random_fingerprint(), LONG).await;
 }
 
 /// At the record bound, a key whose record has expired is taken over in place: it needs no
@@ -385,14 +367,8 @@ async fn an_expired_key_at_the_record_bound_is_taken_over_without_new_room() {
     let key = StoreKey([1; 32]);
     acquire(&store, &key, &random_fingerprint(), SHORT).await;
     tokio::time::sleep(SHORT + MARGIN).await;
-    match store
-        .begin(&key, &random_fingerprint(), LONG)
-        .await
-        .unwrap()
-    {
-        Begin::Acquired(_) => {}
-        other => panic!("expected Acquired, got {other:?}"),
-    }
+    // Taken over: `acquire` panics unless `begin` answers Acquired.
+    acquire(&store, &key, &random_fingerprint(), LONG).await;
     assert_eq!(store.len(), 1);
 }
 
