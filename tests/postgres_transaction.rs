@@ -231,6 +231,12 @@ async fn a_store_the_layer_does_not_use_is_told_and_its_refusal_not_stored() {
         trace.contains("has no idempotency record in this table"),
         "{trace}"
     );
+    // The log line names the table the handler looked in.
+    let line = trace
+        .lines()
+        .find(|line| line.contains("has no idempotency record in this table"))
+        .unwrap();
+    assert!(line.contains(db.store.table_name()), "{line}");
     db.drop_tables().await;
 }
 
