@@ -182,6 +182,7 @@ async fn the_record_and_the_business_rows_commit_together() {
 #[tokio::test]
 async fn both_roll_back_when_the_token_has_lost_the_lease() {
     let Some(db) = Db::new().await else { return };
+    support::capture_trace();
     let app = app(&db, true);
 
     let fenced = send(
@@ -203,6 +204,42 @@ async fn both_roll_back_when_the_token_has_lost_the_lease() {
         .await
         .unwrap();
     assert!(matches!(found, Begin::InFlight { .. }), "{found:?}");
+    // The record is there, held by another token: fencing at work, not a misconfiguration.
+    let trace = support::take_trace();
+    assert!(
+        !trace.contains("has no idempotency record in this table"),
+        "{trace}"
+    );
+    db.drop_tables().await;
+}
+
+/// The handler completes in a MySqlStore the layer does not use (the layer kept its default
+/// MemoryStore): every request is refused, and that must be loud, not stored. The 409 is not
+/// replayed to the retry, and the log line names the mistake and the table.
+#[tokio::test]
+async fn a_store_the_layer_does_not_use_is_told_and_its_refusal_not_stored() {
+    let Some(db) = Db::new().await else { return };
+    support::capture_trace();
+    let app = Router::new()
+        .route("/payments", post(create_payment))
+        .with_state(AppState {
+            store: db.store.clone(),
+            payments: db.payments.clone(),
+            steal_lease: false,
+        })
+        // No `.store(..)`: the layer's records are in memory, not in the handler's table.
+        .layer(IdempotencyLayer::new().post("/payments"));
+    let first = send(&app, request("/payments", Some("pay-3"), r#"{"cents":1}"#)).await;
+    first.assert_problem(StatusCode::CONFLICT, "in-flight");
+    let retry = send(&app, request("/payments", Some("pay-3"), r#"{"cents":1}"#)).await;
+    assert!(!retry.replayed(), "the refusal was stored and replayed");
+    assert_eq!(db.payments().await, 0);
+    let trace = support::take_trace();
+    let line = trace
+        .lines()
+        .find(|line| line.contains("has no idempotency record in this table"))
+        .unwrap_or_else(|| panic!("{trace}"));
+    assert!(line.contains(db.store.table_name()), "{line}");
     db.drop_tables().await;
 }
 

@@ -181,6 +181,7 @@ async fn the_record_and_the_business_rows_commit_together() {
 #[tokio::test]
 async fn both_roll_back_when_the_token_has_lost_the_lease() {
     let Some(db) = Db::new().await else { return };
+    support::capture_trace();
     let app = app(&db, true);
 
     let fenced = send(
@@ -202,6 +203,12 @@ async fn both_roll_back_when_the_token_has_lost_the_lease() {
         .await
         .unwrap();
     assert!(matches!(found, Begin::InFlight { .. }), "{found:?}");
+    // The record is there, held by another token: fencing at work, not a misconfiguration.
+    let trace = support::take_trace();
+    assert!(
+        !trace.contains("has no idempotency record in this table"),
+        "{trace}"
+    );
     db.drop_tables().await;
 }
 
