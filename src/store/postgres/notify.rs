@@ -260,3 +260,7 @@ enum Event {
     Command(Option<Command>),
     Received(Result<Option<sqlx::postgres::PgNotification>, sqlx::Error>),
 }
+
+#[cfg(test)]
+#[path = "notify_tests.rs"]
+mod tests;
