@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use super::fixtures::*;
 use crate::store::IdempotencyStore;
 
@@ -78,3 +80,34 @@ pub async fn completed_record_expires_after_ttl<S: IdempotencyStore>(store: &S) 
     assert_eq!(fingerprint, next_fingerprint);
     assert!(release(store, &key, next).await);
 }
+
+/// Deadlines come no earlier than asked: looked at two thirds of the way through, a lease is
+/// still held, reporting no more time left than it has, and a completed response is still
+/// replayed. (A store that keeps either for half the time asked fails here.)
+pub async fn deadlines_are_not_early<S: IdempotencyStore>(store: &S) {
+    let asked = SHORT * 4;
+    let leased = random_key();
+    let owner = random_fingerprint();
+    acquire(store, &leased, &owner, asked).await;
+    let acquired = Instant::now();
+    let kept = random_key();
+    let token = acquire(store, &kept, &random_fingerprint(), LONG).await;
+    let response = marked_response("kept");
+    assert!(complete(store, &kept, token, &response, asked).await);
+
+    tokio::time::sleep(asked * 2 / 3).await;
+    let asking = Instant::now();
+    let (fingerprint, lease_remaining) = expect_in_flight(store, &leased).await;
+    assert_eq!(fingerprint, owner, "the lease is still its owner's");
+    let left = asked.saturating_sub(asking - acquired);
+    assert!(
+        lease_remaining <= left + CLOCK_SLACK,
+        "lease_remaining is what is left of the lease ({left:?} at most), not {lease_remaining:?}"
+    );
+    let (_, stored) = expect_completed(store, &kept).await;
+    assert_same_response(&stored, &response);
+}
+
+/// How far a store's own clock (and its rounding, to a millisecond in Redis) may put a
+/// deadline past the one this process computes.
+const CLOCK_SLACK: Duration = Duration::from_millis(100);

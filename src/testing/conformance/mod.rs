@@ -46,7 +46,7 @@ pub use begin::{
     wait_returns_within_timeout,
 };
 pub use expiry::{
-    completed_record_expires_after_ttl, expired_lease_is_taken_over,
+    completed_record_expires_after_ttl, deadlines_are_not_early, expired_lease_is_taken_over,
     late_completion_without_takeover_is_consistent, renew_extends_lease_past_original_expiry,
 };
 pub use fencing::{
@@ -83,6 +83,7 @@ pub async fn run_all<S: IdempotencyStore + Clone>(store: S) {
         late_completion_without_takeover_is_consistent,
         renew_extends_lease_past_original_expiry,
         completed_record_expires_after_ttl,
+        deadlines_are_not_early,
         concurrent_begin_acquires_exactly_once,
         wait_returns_within_timeout,
     );
