@@ -73,3 +73,41 @@ pub(super) fn log_lock_retry(error: &sqlx::Error, retry: u32) {
         "idempotency store statement rolled back by InnoDB; running it again"
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio::time::Instant;
+
+    use super::lock_backoff;
+
+    /// The pauses of `attempt`, 64 of them, on a paused clock (so each is exact, rounded up
+    /// to tokio's timer tick of 1 ms).
+    async fn pauses(attempt: u32) -> Vec<std::time::Duration> {
+        let mut pauses = Vec::new();
+        for _ in 0..64 {
+            let start = Instant::now();
+            lock_backoff(attempt).await;
+            pauses.push(start.elapsed());
+        }
+        pauses
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pauses_are_random_below_a_cap_that_doubles_up_to_8_ms() {
+        for (attempt, cap_ms) in [(1, 1), (2, 2), (3, 4), (4, 8), (9, 8)] {
+            let pauses = pauses(attempt).await;
+            let cap = std::time::Duration::from_millis(cap_ms);
+            assert!(
+                pauses.iter().all(|p| *p <= cap),
+                "attempt {attempt}: {pauses:?}"
+            );
+            // Uniform below the cap: 64 draws all in its lower half come once in 2^64.
+            if cap_ms >= 4 {
+                assert!(
+                    pauses.iter().any(|p| *p > cap / 2),
+                    "attempt {attempt}: {pauses:?}"
+                );
+            }
+        }
+    }
+}
