@@ -5,18 +5,21 @@
 //!
 //! The errors are made by triggers on the test's own table that `SIGNAL` the error number;
 //! each trigger first counts its firing in a MyISAM table, which a failed statement does not
-//! roll back, so the count is the number of times the store ran the statement.
+//! roll back, so the count is the number of times the store ran the statement. Each run
+//! again is logged (at debug level, with the error), and counted in the log too.
 //!
 //! Needs `MYSQL_URL`; skipped without it, except under `CI=true`.
 #![cfg(all(feature = "mysql", feature = "testing"))]
 
 mod common;
+mod support;
 
 use std::{future::Future, panic::AssertUnwindSafe, time::Duration};
 
 use common::conformance::{LONG, acquire, random_fingerprint, random_key};
 use futures_util::FutureExt;
 use sqlx::{AssertSqlSafe, MySqlPool, mysql::MySqlPoolOptions};
+use support::{capture_trace, take_trace};
 use tower_idempotency::{
     IdempotencyStore,
     store::{MySqlStore, StoreError, StoreErrorKind},
@@ -119,6 +122,20 @@ async fn error_of<T: std::fmt::Debug>(
         .expect_err("the call fails")
 }
 
+/// The runs again logged on this thread since [`capture_trace`].
+fn retries_logged() -> i64 {
+    let trace = take_trace();
+    let logged = trace
+        .lines()
+        .filter(|line| line.contains("rolled back by InnoDB; running it again"))
+        .count();
+    assert!(
+        trace.contains("made by the test trigger"),
+        "the log names the error: {trace}"
+    );
+    logged as i64
+}
+
 /// The error's chain of causes, as text.
 fn causes(error: &StoreError) -> String {
     let mut text = error.to_string();
@@ -135,6 +152,7 @@ fn causes(error: &StoreError) -> String {
 async fn a_begin_that_keeps_deadlocking_is_run_again_ten_times_then_unavailable() {
     with_store("a_begin_that_keeps_deadlocking", |store| async move {
         fail_every(&store, "INSERT", DEADLOCK).await;
+        capture_trace();
         let error = error_of(store.begin(&random_key(), &random_fingerprint(), LONG)).await;
         assert_eq!(error.kind(), StoreErrorKind::Unavailable);
         assert!(
@@ -142,6 +160,7 @@ async fn a_begin_that_keeps_deadlocking_is_run_again_ten_times_then_unavailable(
             "{error:?}"
         );
         assert_eq!(fired(&store).await, 1 + LOCK_RETRIES);
+        assert_eq!(retries_logged(), LOCK_RETRIES);
     })
     .await;
 }
@@ -154,6 +173,7 @@ async fn a_renew_that_keeps_timing_out_on_a_lock_is_run_again_ten_times() {
             let key = random_key();
             let token = acquire(&store, &key, &random_fingerprint(), LONG).await;
             fail_every(&store, "UPDATE", LOCK_WAIT_TIMEOUT).await;
+            capture_trace();
             let error = error_of(store.renew(&key, token, LONG)).await;
             assert_eq!(error.kind(), StoreErrorKind::Unavailable);
             assert!(
@@ -161,6 +181,7 @@ async fn a_renew_that_keeps_timing_out_on_a_lock_is_run_again_ten_times() {
                 "{error:?}"
             );
             assert_eq!(fired(&store).await, 1 + LOCK_RETRIES);
+            assert_eq!(retries_logged(), LOCK_RETRIES);
         },
     )
     .await;
