@@ -196,4 +196,13 @@ mod tests {
         assert_eq!(micros(Duration::from_millis(1500)), 1_500_000);
         assert_eq!(micros(Duration::MAX), micros(MAX_DURATION));
     }
+
+    /// The clamp is at 100 years: a TTL of 99 years is kept whole, one of 101 is cut to 100.
+    #[test]
+    fn the_clamp_is_at_100_years() {
+        const YEAR_US: i64 = 365 * 24 * 60 * 60 * 1_000_000;
+        let years = |n: u64| Duration::from_secs(n * 365 * 24 * 60 * 60);
+        assert_eq!(micros(years(99)), 99 * YEAR_US);
+        assert_eq!(micros(years(101)), 100 * YEAR_US);
+    }
 }
