@@ -202,3 +202,32 @@ impl fmt::Display for NotAcknowledged {
 }
 
 impl std::error::Error for NotAcknowledged {}
+
+#[cfg(test)]
+mod tests {
+    use super::RedisDurability::{self, *};
+
+    /// Every combination the server's settings can take (the tests in `tests/redis_store.rs`
+    /// start servers with some of them), in any case.
+    #[test]
+    fn settings_map_to_what_a_restart_keeps() {
+        let cases: [(&str, &str, &str, RedisDurability); 9] = [
+            ("yes", "always", "", AppendOnlyAlways),
+            ("YES", "EverySec", "3600 1", AppendOnlyEverySec),
+            ("yes", "no", "", AppendOnlyNoFsync),
+            ("yes", "No", "60 100", AppendOnlyNoFsync),
+            ("yes", "sometimes", "", Unknown),
+            ("no", "always", "", None),
+            ("no", "everysec", "  ", None),
+            ("no", "everysec", "3600 1 300 100", Snapshots),
+            ("", "", "60 1", Snapshots),
+        ];
+        for (appendonly, appendfsync, save, expected) in cases {
+            assert_eq!(
+                RedisDurability::from_config(appendonly, appendfsync, save),
+                expected,
+                "appendonly {appendonly:?}, appendfsync {appendfsync:?}, save {save:?}"
+            );
+        }
+    }
+}
