@@ -205,7 +205,12 @@ impl std::error::Error for NotAcknowledged {}
 
 #[cfg(test)]
 mod tests {
-    use super::RedisDurability::{self, *};
+    use redis::{Value, VerbatimFormat};
+
+    use super::{
+        RedisDurability::{self, *},
+        config_value, text,
+    };
 
     /// Every combination the server's settings can take (the tests in `tests/redis_store.rs`
     /// start servers with some of them), in any case.
@@ -229,5 +234,62 @@ mod tests {
                 "appendonly {appendonly:?}, appendfsync {appendfsync:?}, save {save:?}"
             );
         }
+    }
+
+    /// A cluster is as durable as its weakest master: the order of the variants, weakest first.
+    #[test]
+    fn ranks_go_from_weakest_to_strongest() {
+        let order = [
+            Unknown,
+            None,
+            Snapshots,
+            AppendOnlyNoFsync,
+            AppendOnlyEverySec,
+            AppendOnlyAlways,
+        ];
+        for pair in order.windows(2) {
+            assert!(pair[0].rank() < pair[1].rank(), "{pair:?}");
+        }
+    }
+
+    /// `CONFIG GET` answers in any of Redis' string kinds.
+    #[test]
+    fn text_reads_every_string_kind() {
+        assert_eq!(
+            text(&Value::BulkString(b"yes".to_vec())).as_deref(),
+            Some("yes")
+        );
+        assert_eq!(
+            text(&Value::SimpleString("no".into())).as_deref(),
+            Some("no")
+        );
+        let verbatim = Value::VerbatimString {
+            format: VerbatimFormat::Text,
+            text: "everysec".into(),
+        };
+        assert_eq!(text(&verbatim).as_deref(), Some("everysec"));
+        assert_eq!(text(&Value::Int(1)), Option::None);
+    }
+
+    /// The value of the name asked for, from a RESP2 array of pairs or a RESP3 map; not the
+    /// value of another name.
+    #[test]
+    fn config_value_finds_the_name_in_either_protocol() {
+        let bulk = |s: &str| Value::BulkString(s.as_bytes().to_vec());
+        let array = Value::Array(vec![
+            bulk("appendfsync"),
+            bulk("everysec"),
+            bulk("appendonly"),
+            bulk("yes"),
+        ]);
+        assert_eq!(config_value(&array, "APPENDONLY").as_deref(), Some("yes"));
+        assert_eq!(config_value(&array, "save"), Option::None);
+        let map = Value::Map(vec![
+            (bulk("save"), bulk("3600 1")),
+            (bulk("appendonly"), bulk("no")),
+        ]);
+        assert_eq!(config_value(&map, "appendonly").as_deref(), Some("no"));
+        assert_eq!(config_value(&map, "appendfsync"), Option::None);
+        assert_eq!(config_value(&Value::Nil, "appendonly"), Option::None);
     }
 }
