@@ -147,4 +147,13 @@ mod tests {
         assert_eq!(millis(Duration::from_micros(300_001)), 301);
         assert_eq!(millis(Duration::MAX), MAX_MILLIS);
     }
+
+    /// The cut is at 100 years: a TTL of 99 years is written whole, one of 101 as 100.
+    #[test]
+    fn the_cut_is_at_100_years() {
+        const YEAR_MS: u64 = 365 * 24 * 60 * 60 * 1000;
+        let years = |n: u64| Duration::from_secs(n * 365 * 24 * 60 * 60);
+        assert_eq!(millis(years(99)), 99 * YEAR_MS);
+        assert_eq!(millis(years(101)), 100 * YEAR_MS);
+    }
 }
