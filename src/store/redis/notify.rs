@@ -264,3 +264,7 @@ async fn deliver(subscriber: Weak<Subscriber>, mut pushes: mpsc::UnboundedReceiv
         }
     }
 }
+
+#[cfg(test)]
+#[path = "notify_tests.rs"]
+mod tests;
