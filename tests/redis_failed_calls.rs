@@ -1,5 +1,5 @@
-//! `RedisStore` calls that fail: a `begin` that ends without its answer gives back the lease it
-//! may have taken, and a script that fails is not sent again by its source (only a server that
+//! `RedisStore` calls that fail: a `begin` whose connection breaks before its answer came gives
+//! back the lease it may have taken, and a script that fails is not sent again by its source (only a server that
 //! lacks the script, `NOSCRIPT`, gets the source).
 //!
 //! Runs on private `redis-server` processes (see `redis_servers`), where a Redis installation
@@ -8,12 +8,15 @@
 
 mod common;
 mod redis_servers;
+mod support;
 
-use std::time::Duration;
+use std::{net::SocketAddr, time::Duration};
+
+use tokio::time::Instant;
 
 use common::conformance::{LONG, acquire, random_fingerprint, random_key};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis_servers::RedisServer;
+use support::proxy::{FaultProxy, NetFault};
 use tower_idempotency::store::{IdempotencyStore, RedisStore, StoreErrorKind};
 
 fn private_servers(test: &str) -> bool {
@@ -43,37 +46,51 @@ fn calls(server: &RedisServer, command: &str) -> u64 {
         })
 }
 
-/// A `begin` whose answer does not come in time (the connection's response timeout) may still
-/// run on the server: the store queues a release behind it on the same connection, so the
-/// lease it took does not stay behind until it runs out.
-#[tokio::test]
-async fn a_begin_without_its_answer_leaves_no_lease() {
-    if !private_servers("a_begin_without_its_answer_leaves_no_lease") {
+/// A `begin` whose connection breaks after the server ran it, before its answer came back,
+/// fails; the store then sends a release for its token behind it (on the connection the manager
+/// opens again), so the lease it took does not stay behind until it runs out, answering 409.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_begin_cut_off_from_its_answer_leaves_no_lease() {
+    if !private_servers("a_begin_cut_off_from_its_answer_leaves_no_lease") {
         return;
     }
     let server = server();
-    let client = redis::Client::open(server.url()).unwrap();
-    let conn = ConnectionManager::new_with_config(
-        client,
-        ConnectionManagerConfig::new().set_response_timeout(Some(Duration::from_millis(300))),
-    )
-    .await
-    .unwrap();
-    let store = RedisStore::new(conn);
-    let port = server.port;
-    let sleeper = std::thread::spawn(move || redis_servers::cli(port, &["DEBUG", "SLEEP", "1"]));
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let error = store
-        .begin(&random_key(), &random_fingerprint(), LONG)
+    let proxy = FaultProxy::start(SocketAddr::from(([127, 0, 0, 1], server.port))).await;
+    let store = RedisStore::open(&format!("redis://{}", proxy.addr()))
         .await
-        .expect_err("the answer comes after the response timeout");
-    assert_eq!(error.kind(), StoreErrorKind::Unavailable);
-    sleeper.join().unwrap();
-    // The server ran the begin, then the release queued behind it.
-    redis_servers::wait_until("the late lease is released", Duration::from_secs(5), || {
-        server.cli(&["DBSIZE"]).trim() == "0"
+        .unwrap();
+    // The server learns the scripts first, so that the begin below runs at once.
+    let warm = random_key();
+    let token = acquire(&store, &warm, &random_fingerprint(), LONG).await;
+    assert!(store.release(&warm, token).await.unwrap());
+    assert_eq!(server.cli(&["DBSIZE"]).trim(), "0");
+    let evalsha = calls(&server, "evalsha");
+
+    // Each way takes 300 ms: the server runs the begin at about 300 ms, and its answer is
+    // still on the way at 450 ms, when the connection breaks.
+    proxy.set(NetFault::Latency(Duration::from_millis(300)));
+    let begin = tokio::spawn({
+        let store = store.clone();
+        async move {
+            store
+                .begin(&random_key(), &random_fingerprint(), LONG)
+                .await
+        }
     });
-    assert_eq!(calls(&server, "evalsha"), 1, "the begin ran");
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    assert_eq!(calls(&server, "evalsha"), evalsha + 1, "the begin ran");
+    assert_eq!(server.cli(&["DBSIZE"]).trim(), "1", "and took a lease");
+    proxy.set(NetFault::Reset);
+    let error = begin.await.unwrap().expect_err("the connection broke");
+    assert_eq!(error.kind(), StoreErrorKind::Unavailable);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    proxy.set(NetFault::Pass);
+    // Waited for here without blocking: the release runs on a task of the store's.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while server.cli(&["DBSIZE"]).trim() != "0" {
+        assert!(Instant::now() < deadline, "the late lease was not released");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// A script that fails on the server (here: the record's key holds a string) fails the call at
