@@ -123,3 +123,40 @@ async fn a_waiter_that_stays_is_still_woken_after_another_leaves() {
         .expect("the staying waiter is woken by the message, not by its 30 s timeout")
         .unwrap();
 }
+
+/// A waiter that comes just as the last one leaves, and subscribes before the leaving one's
+/// unsubscribing task runs, keeps its subscription: the task looks at the count again.
+#[tokio::test]
+async fn a_waiter_that_comes_as_the_last_one_leaves_stays_subscribed() {
+    let Some(client) = client("a_waiter_that_comes_as_the_last_one_leaves") else {
+        return;
+    };
+    let subscriber = Subscriber::single(&client, Duration::from_millis(500))
+        .await
+        .unwrap();
+    let channel = channel("comes");
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    subscriber
+        .wait(&channel, async { Ok(true) }, Duration::from_millis(200))
+        .await;
+    // On this one thread, the leaving waiter's task has not run yet: the next waiter counts
+    // itself and starts subscribing first.
+    let started = Instant::now();
+    let ((), ()) = tokio::join!(
+        subscriber.wait(&channel, async { Ok(true) }, Duration::from_secs(10)),
+        async {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let _: i64 = redis::cmd("PUBLISH")
+                .arg(&channel)
+                .arg("")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "woken by the message, not by its 10 s timeout ({:?})",
+        started.elapsed()
+    );
+}
