@@ -1,6 +1,6 @@
 //! `RedisStore` calls that fail: a `begin` whose connection breaks before its answer came gives
-//! back the lease it may have taken, and a script that fails is not sent again by its source (only a server that
-//! lacks the script, `NOSCRIPT`, gets the source).
+//! back the lease it may have taken, and a script that fails is not sent again by its source
+//! (only a server that lacks the script, `NOSCRIPT`, gets the source).
 //!
 //! Runs on private `redis-server` processes (see `redis_servers`), where a Redis installation
 //! is at hand: with `REDIS_URL` set; skipped without it, except under `CI=true`.
@@ -12,27 +12,11 @@ mod support;
 
 use std::{net::SocketAddr, time::Duration};
 
-use tokio::time::Instant;
-
 use common::conformance::{LONG, acquire, random_fingerprint, random_key};
-use redis_servers::RedisServer;
+use redis_servers::{RedisServer, private_servers};
 use support::proxy::{FaultProxy, NetFault};
+use tokio::time::Instant;
 use tower_idempotency::store::{IdempotencyStore, RedisStore, StoreErrorKind};
-
-fn private_servers(test: &str) -> bool {
-    common::service_url("REDIS_URL", test).is_some()
-}
-
-fn server() -> RedisServer {
-    RedisServer::start(&[
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        "--enable-debug-command",
-        "yes",
-    ])
-}
 
 /// How many times the server ran `command` (from `INFO commandstats`).
 fn calls(server: &RedisServer, command: &str) -> u64 {
@@ -54,7 +38,7 @@ async fn a_begin_cut_off_from_its_answer_leaves_no_lease() {
     if !private_servers("a_begin_cut_off_from_its_answer_leaves_no_lease") {
         return;
     }
-    let server = server();
+    let server = RedisServer::start_debuggable();
     let proxy = FaultProxy::start(SocketAddr::from(([127, 0, 0, 1], server.port))).await;
     let store = RedisStore::open(&format!("redis://{}", proxy.addr()))
         .await
@@ -100,7 +84,7 @@ async fn a_failing_script_is_not_sent_again() {
     if !private_servers("a_failing_script_is_not_sent_again") {
         return;
     }
-    let server = server();
+    let server = RedisServer::start_debuggable();
     let store = RedisStore::open(&server.url()).await.unwrap();
     let key = random_key();
     let token = acquire(&store, &key, &random_fingerprint(), LONG).await;

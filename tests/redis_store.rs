@@ -20,7 +20,7 @@ use common::conformance::{
     marked_response, random_fingerprint, random_key,
 };
 use redis::AsyncCommands;
-use redis_servers::{RedisServer, replica_of};
+use redis_servers::{RedisServer, private_servers, replica_of};
 use tower_idempotency::store::{
     Begin, IdempotencyStore, LeaseToken, RedisDurability, RedisStore, StoreErrorKind, StoreKey,
 };
@@ -284,11 +284,6 @@ async fn driver_errors_are_unavailable() {
     }
 }
 
-/// The private servers' tests run where a Redis installation is at hand: with `REDIS_URL` set.
-fn private_servers(test: &str) -> bool {
-    common::service_url("REDIS_URL", test).is_some()
-}
-
 /// `open` reads the persistence settings, `durability()` tells them, and one warning says when
 /// records would not survive a restart, or when the settings cannot be read.
 #[tokio::test]
@@ -450,14 +445,7 @@ async fn a_call_slower_than_half_a_second_succeeds() {
     if !private_servers("a_call_slower_than_half_a_second_succeeds") {
         return;
     }
-    let server = RedisServer::start(&[
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        "--enable-debug-command",
-        "yes",
-    ]);
+    let server = RedisServer::start_debuggable();
     let store = RedisStore::open(&server.url()).await.unwrap();
     let stall = || {
         let port = server.port;
@@ -518,12 +506,7 @@ async fn errors_carry_the_driver_error_and_no_credentials() {
         .await
         .unwrap_err();
     assert_eq!(error.kind(), StoreErrorKind::Unavailable);
-    let mut chain = vec![error.to_string()];
-    let mut source = std::error::Error::source(&error);
-    while let Some(cause) = source {
-        chain.push(cause.to_string());
-        source = cause.source();
-    }
+    let chain = common::error_chain(&error);
     let text = chain.join(" / ");
     assert!(chain.len() >= 2, "a source: {text}");
     assert!(text.to_lowercase().contains("refused"), "{text}");
@@ -547,14 +530,7 @@ async fn a_begin_answered_after_the_store_timeout_leaves_no_lease() {
         atomic::{AtomicUsize, Ordering},
     };
 
-    let server = RedisServer::start(&[
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        "--enable-debug-command",
-        "yes",
-    ]);
+    let server = RedisServer::start_debuggable();
     let store = RedisStore::open(&server.url()).await.unwrap();
     let runs = Arc::new(AtomicUsize::new(0));
     let counter = runs.clone();

@@ -422,3 +422,6 @@ mod tests {
         assert_eq!(start.elapsed(), Duration::from_millis(320));
     }
 }
+
+#[cfg(all(test, any(feature = "postgres", feature = "redis")))]
+mod test_services;

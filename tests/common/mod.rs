@@ -29,3 +29,14 @@ pub fn service_url(var: &str, test: &str) -> Option<String> {
         }
     }
 }
+
+/// `error`'s message and those of its sources, outermost first.
+pub fn error_chain(error: &dyn std::error::Error) -> Vec<String> {
+    let mut chain = vec![error.to_string()];
+    let mut source = error.source();
+    while let Some(cause) = source {
+        chain.push(cause.to_string());
+        source = cause.source();
+    }
+    chain
+}

@@ -43,7 +43,25 @@ pub struct RedisServer {
     child: Option<Child>,
 }
 
+/// Whether the tests on private servers run: where a Redis installation is at hand, as a set
+/// `REDIS_URL` says (skipped otherwise, and a failure under `CI=true`).
+pub fn private_servers(test: &str) -> bool {
+    crate::common::service_url("REDIS_URL", test).is_some()
+}
+
 impl RedisServer {
+    /// A server that keeps nothing on disk and takes `DEBUG` commands (`DEBUG SLEEP` pauses it).
+    pub fn start_debuggable() -> Self {
+        Self::start(&[
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--enable-debug-command",
+            "yes",
+        ])
+    }
+
     /// Starts `redis-server` on a free port with `args` (its own `--port`, `--dir` and
     /// `--bind` come first), and waits until it answers `PING`.
     pub fn start(args: &[&str]) -> Self {

@@ -2,24 +2,16 @@
 //! it unlistened and forgotten, and a waiter that stays keeps it listened to. Needs
 //! `DATABASE_URL`; skipped without it, except under `CI=true`.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use sqlx::{PgPool, postgres::PgPoolOptions};
 use tokio::time::Instant;
 
 use super::Listener;
+use crate::store::test_services::{service_url, unique_name};
 
 async fn pool(test: &str) -> Option<PgPool> {
-    let url = match std::env::var("DATABASE_URL") {
-        Ok(url) if !url.is_empty() => url,
-        _ if std::env::var("CI").is_ok_and(|ci| ci == "true") => {
-            panic!("DATABASE_URL is not set, and CI=true: {test} must run")
-        }
-        _ => {
-            eprintln!("skipped: {test}: DATABASE_URL is not set");
-            return None;
-        }
-    };
+    let url = service_url("DATABASE_URL", test)?;
     let pool = PgPoolOptions::new()
         .max_connections(2)
         .connect(&url)
@@ -30,11 +22,7 @@ async fn pool(test: &str) -> Option<PgPool> {
 
 /// A channel no other test run uses.
 fn channel(test: &str) -> String {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("idempotency_test_{test}_{}_{nanos}", std::process::id())
+    unique_name("idempotency_test", test, '_')
 }
 
 /// Whether the listener still keeps `channel` within `within`.

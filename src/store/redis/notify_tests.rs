@@ -2,36 +2,21 @@
 //! unsubscribed and forgotten, and a waiter that stays keeps it subscribed. Needs `REDIS_URL`;
 //! skipped without it, except under `CI=true`.
 
-use std::{
-    sync::Arc,
-    time::{Duration, SystemTime, UNIX_EPOCH},
-};
+use std::{sync::Arc, time::Duration};
 
 use tokio::time::Instant;
 
 use super::Subscriber;
+use crate::store::test_services::{service_url, unique_name};
 
 fn client(test: &str) -> Option<redis::Client> {
-    let url = match std::env::var("REDIS_URL") {
-        Ok(url) if !url.is_empty() => url,
-        _ if std::env::var("CI").is_ok_and(|ci| ci == "true") => {
-            panic!("REDIS_URL is not set, and CI=true: {test} must run")
-        }
-        _ => {
-            eprintln!("skipped: {test}: REDIS_URL is not set");
-            return None;
-        }
-    };
+    let url = service_url("REDIS_URL", test)?;
     Some(redis::Client::open(url).expect("a valid REDIS_URL"))
 }
 
 /// A channel no other test run uses.
 fn channel(test: &str) -> String {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("idempotency-test:{test}:{}:{nanos}", std::process::id())
+    unique_name("idempotency-test", test, ':')
 }
 
 /// How many connections the server has subscribed to `channel`.
