@@ -9,6 +9,11 @@
 //!   many completed records already held. The records a measurement adds are given a zero TTL
 //!   and swept (untimed) every 256 operations, so the store stays at its size for the whole
 //!   run.
+//! - `scaling_floor/{1000,1000000}`: the same operations on a bare `std::collections::HashMap`
+//!   (look the new key up, insert a 112-byte slot, look it up again and box a copy of the
+//!   response into it), with the same keys, the same response and the same untimed removal
+//!   every 256 operations: what any hash map of that many records costs, the floor under
+//!   `scaling`'s ratio.
 //! - `sweep/{100000,1000000}`: one `MemoryStore::sweep` call that removes that many expired
 //!   records (filling the store is not timed).
 //! - `evict/{1000,1000000}`: one `begin` (a new key) and its `complete` on a store that is full
@@ -146,6 +151,65 @@ fn scaling(c: &mut Criterion) {
             })
         });
         assert_eq!(store.len() as u64, live, "the live records stayed");
+    }
+    group.finish();
+}
+
+/// A map slot the size of `MemoryStore`'s (112 bytes): a fingerprint, a deadline, the boxed
+/// response.
+struct FloorSlot {
+    _fingerprint: Fingerprint,
+    _pad: [u64; 6],
+    response: Option<Box<StoredResponse>>,
+}
+
+fn scaling_floor(c: &mut Criterion) {
+    use std::collections::HashMap;
+    let mut group = c.benchmark_group("scaling_floor");
+    group.measurement_time(Duration::from_secs(3));
+    group.throughput(Throughput::Elements(1));
+    for live in [1_000u64, 1_000_000] {
+        let template = response(0);
+        let mut map: HashMap<StoreKey, FloorSlot> = HashMap::new();
+        let insert = |map: &mut HashMap<StoreKey, FloorSlot>, i: u64| {
+            let key = key(i);
+            assert!(map.get(&key).is_none(), "a new key");
+            map.insert(
+                key,
+                FloorSlot {
+                    _fingerprint: Fingerprint(key.0),
+                    _pad: [i; 6],
+                    response: None,
+                },
+            );
+            let slot = map.get_mut(&key).expect("just inserted");
+            slot.response = Some(Box::new(template.clone()));
+        };
+        for i in 0..live {
+            insert(&mut map, i);
+        }
+        let mut next = u64::MAX / 2;
+        group.bench_with_input(BenchmarkId::from_parameter(live), &live, |b, _| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                let mut left = iters;
+                while left > 0 {
+                    let n = left.min(CHUNK);
+                    left -= n;
+                    let start = Instant::now();
+                    for i in next..next + n {
+                        insert(&mut map, i);
+                    }
+                    total += start.elapsed();
+                    for i in next..next + n {
+                        map.remove(&key(i));
+                    }
+                    next += n;
+                }
+                total
+            })
+        });
+        assert_eq!(map.len() as u64, live, "the live records stayed");
     }
     group.finish();
 }
@@ -433,6 +497,6 @@ fn mysql(_: &mut Criterion) {}
 criterion_group! {
     name = benches;
     config = Criterion::default().warm_up_time(Duration::from_secs(1));
-    targets = scaling, evict, sweep, redis, mysql
+    targets = scaling, scaling_floor, evict, sweep, redis, mysql
 }
 criterion_main!(benches);

@@ -7,6 +7,10 @@ use http::{HeaderMap, HeaderName};
 /// The longest key accepted, in characters (bytes: keys are ASCII).
 pub const MAX_KEY_LEN: usize = 255;
 
+/// Up to this many distinct header names, the key headers are found by one pass over the
+/// request's headers rather than by a hash lookup per key header name.
+const SCAN_HEADERS: usize = 16;
+
 /// A validated idempotency key.
 ///
 /// Accepted: exactly one header field whose value, after unwrapping a well-formed
@@ -112,11 +116,21 @@ impl IdempotencyKey {
         names: &[HeaderName],
     ) -> Result<Option<Self>, KeyError> {
         let mut found = None;
-        for name in names {
-            for value in headers.get_all(name) {
-                if found.replace(value).is_some() {
-                    return Err(KeyError::Repeated);
+        let mut note = |value| match found.replace(value) {
+            Some(_) => Err(KeyError::Repeated),
+            None => Ok(()),
+        };
+        if headers.keys_len() <= SCAN_HEADERS {
+            // A few headers: one pass comparing names costs less than hashing each key
+            // header name for a lookup.
+            for (name, value) in headers {
+                if names.contains(name) {
+                    note(value)?;
                 }
+            }
+        } else {
+            for name in names {
+                headers.get_all(name).iter().try_for_each(&mut note)?;
             }
         }
         found.map(|value| Self::parse(value.as_bytes())).transpose()
@@ -260,5 +274,49 @@ mod tests {
             IdempotencyKey::from_headers(&headers, &name),
             Err(KeyError::Repeated)
         );
+    }
+    /// Both ways of finding the key headers (a pass over a few headers, a lookup per name in
+    /// a larger map) agree on every case.
+    #[test]
+    fn few_and_many_headers_find_the_same_key() {
+        let names = [
+            HeaderName::from_static("x-idempotency-key"),
+            HeaderName::from_static("idempotency-key"),
+        ];
+        for others in [0, 3, SCAN_HEADERS - 1, SCAN_HEADERS, SCAN_HEADERS + 1, 40] {
+            let base = || {
+                let mut headers = HeaderMap::new();
+                for n in 0..others {
+                    headers.insert(
+                        HeaderName::try_from(format!("x-other-{n}")).unwrap(),
+                        HeaderValue::from_static("v"),
+                    );
+                }
+                headers
+            };
+            let found = |headers: &HeaderMap| {
+                IdempotencyKey::from_any_header(headers, &names)
+                    .map(|key| key.map(|key| key.as_str().to_owned()))
+            };
+            assert_eq!(found(&base()), Ok(None), "{others} other headers");
+            for name in &names {
+                let mut headers = base();
+                headers.insert(name, HeaderValue::from_static("k1"));
+                assert_eq!(found(&headers), Ok(Some("k1".into())), "{others}, {name}");
+                headers.append(name, HeaderValue::from_static("k1"));
+                assert_eq!(found(&headers), Err(KeyError::Repeated), "{others}, {name}");
+            }
+            let mut both = base();
+            both.insert(&names[0], HeaderValue::from_static("k1"));
+            both.insert(&names[1], HeaderValue::from_static("k2"));
+            assert_eq!(
+                found(&both),
+                Err(KeyError::Repeated),
+                "{others}, both names"
+            );
+            let mut bad = base();
+            bad.insert(&names[1], HeaderValue::from_static("a b"));
+            assert_eq!(found(&bad), Err(KeyError::InvalidCharacter), "{others}");
+        }
     }
 }
