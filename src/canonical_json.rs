@@ -71,8 +71,9 @@ impl<'a> Canonicalizer<'a> {
             b'{' => self.object(depth + 1),
             b'[' => self.array(depth + 1),
             b'"' => {
+                let start = self.pos;
                 let text = self.string()?;
-                text.write(&mut self.out);
+                self.write_string(&text, start);
                 Some(())
             }
             b't' => self.literal(b"true"),
@@ -89,6 +90,15 @@ impl<'a> Canonicalizer<'a> {
         self.pos = end;
         self.out.extend_from_slice(word);
         Some(())
+    }
+
+    /// Writes the string token `text` that began at `start`: a plain one is its token as it
+    /// came, quotes included.
+    fn write_string(&mut self, text: &Text<'_>, start: usize) {
+        match text {
+            Text::Plain(_) => append(&mut self.out, self.input, start..self.pos),
+            Text::Decoded(text) => write_scalar(text.as_str(), &mut self.out),
+        }
     }
 
     /// A string token; borrowed from the text when it has no escape sequence.
@@ -158,7 +168,7 @@ impl<'a> Canonicalizer<'a> {
         self.pos = i;
         if plain && integer_len <= 18 && token != b"-0" {
             // Fits an i64 (or u64), which serde_json writes back digit for digit.
-            self.out.extend_from_slice(token);
+            append(&mut self.out, input, start..i);
         } else {
             let number: serde_json::Number = serde_json::from_slice(token).ok()?;
             let start = self.out.len();
@@ -219,19 +229,20 @@ impl<'a> Canonicalizer<'a> {
             if self.peek()? != b'"' {
                 return None;
             }
+            if self.members.len() > base {
+                self.out.push(b',');
+            }
+            let start = self.out.len();
+            let key_start = self.pos;
             let key = self.string()?;
+            self.write_string(&key, key_start);
+            self.out.push(b':');
             self.skip_whitespace();
             if self.peek()? != b':' {
                 return None;
             }
             self.pos += 1;
             self.skip_whitespace();
-            if self.members.len() > base {
-                self.out.push(b',');
-            }
-            let start = self.out.len();
-            key.write(&mut self.out);
-            self.out.push(b':');
             self.value(depth)?;
             self.members.push((key, start..self.out.len()));
             self.skip_whitespace();
@@ -276,7 +287,7 @@ impl<'a> Canonicalizer<'a> {
                 if scratch.len() > 1 {
                     scratch.push(b',');
                 }
-                scratch.extend_from_slice(&out[range.clone()]);
+                append(scratch, out, range.clone());
             }
             if open == 0 {
                 // The outermost object is all of `out`: take the sorted copy in its place
@@ -372,19 +383,6 @@ impl Text<'_> {
             Text::Decoded(text) => text.as_bytes(),
         }
     }
-
-    /// Writes the string as serde_json does (a plain one is written as it came).
-    fn write(&self, out: &mut Vec<u8>) {
-        match self {
-            Text::Plain(text) => {
-                out.reserve(text.len() + 2);
-                out.push(b'"');
-                out.extend_from_slice(text);
-                out.push(b'"');
-            }
-            Text::Decoded(text) => write_scalar(text.as_str(), out),
-        }
-    }
 }
 
 /// From `i`, the end of the run of string bytes that need no escaping (the index of the first
@@ -421,6 +419,21 @@ fn plain_run(input: &[u8], mut i: usize) -> (usize, bool) {
         i += 1;
     }
     (i, seen & HIGH == 0 && seen_byte < 0x80)
+}
+
+/// Appends `src[range]` to `dst`. A short range is copied as a fixed 16 bytes (one move, no
+/// call to `memcpy`) and the excess cut off again: most JSON tokens are that short.
+fn append(dst: &mut Vec<u8>, src: &[u8], range: Range<usize>) {
+    const SHORT: usize = 16;
+    let len = range.len();
+    if len <= SHORT
+        && let Some(chunk) = src.get(range.start..range.start + SHORT)
+    {
+        dst.extend_from_slice(chunk);
+        dst.truncate(dst.len() - (SHORT - len));
+        return;
+    }
+    dst.extend_from_slice(&src[range]);
 }
 
 fn write_scalar<T: serde::Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) {
