@@ -110,7 +110,8 @@ impl IdempotencyKey {
 
     /// Reads and validates the key from whichever of `names` the request carries. Exactly one
     /// field in all is allowed: the same header twice, or two of the names at once (even with
-    /// equal values), is [`KeyError::Repeated`]. `Ok(None)` when none is present.
+    /// equal values), is [`KeyError::Repeated`]. `Ok(None)` when none is present. A name that
+    /// `names` lists more than once counts once.
     pub fn from_any_header(
         headers: &HeaderMap,
         names: &[HeaderName],
@@ -129,8 +130,11 @@ impl IdempotencyKey {
                 }
             }
         } else {
-            for name in names {
-                headers.get_all(name).iter().try_for_each(&mut note)?;
+            for (i, name) in names.iter().enumerate() {
+                // A name listed twice is still one header: read it once.
+                if !names[..i].contains(name) {
+                    headers.get_all(name).iter().try_for_each(&mut note)?;
+                }
             }
         }
         found.map(|value| Self::parse(value.as_bytes())).transpose()
@@ -279,9 +283,12 @@ mod tests {
     /// a larger map) agree on every case.
     #[test]
     fn few_and_many_headers_find_the_same_key() {
+        // A name listed twice (`Idempotency-Key` and `idempotency-key` are one name) is one
+        // header all the same.
         let names = [
             HeaderName::from_static("x-idempotency-key"),
             HeaderName::from_static("idempotency-key"),
+            HeaderName::from_bytes(b"Idempotency-Key").unwrap(),
         ];
         for others in [0, 3, SCAN_HEADERS - 1, SCAN_HEADERS, SCAN_HEADERS + 1, 40] {
             let base = || {
@@ -299,7 +306,7 @@ mod tests {
                     .map(|key| key.map(|key| key.as_str().to_owned()))
             };
             assert_eq!(found(&base()), Ok(None), "{others} other headers");
-            for name in &names {
+            for name in &names[..2] {
                 let mut headers = base();
                 headers.insert(name, HeaderValue::from_static("k1"));
                 assert_eq!(found(&headers), Ok(Some("k1".into())), "{others}, {name}");

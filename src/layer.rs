@@ -153,12 +153,19 @@ impl IdempotencyLayer {
     }
 
     /// The headers that carry the key, any one of them per request (two at once: 400).
-    /// Default: `X-Idempotency-Key` and `Idempotency-Key`.
+    /// Default: `X-Idempotency-Key` and `Idempotency-Key`. A name given twice counts once
+    /// (header names are case-insensitive: `Idempotency-Key` and `idempotency-key` are one).
     ///
     /// # Panics
     /// When `names` is empty.
     pub fn header_names(self, names: impl IntoIterator<Item = HeaderName>) -> Self {
-        let names: Vec<HeaderName> = names.into_iter().collect();
+        let mut unique: Vec<HeaderName> = Vec::new();
+        for name in names {
+            if !unique.contains(&name) {
+                unique.push(name);
+            }
+        }
+        let names = unique;
         assert!(
             !names.is_empty(),
             "at least one idempotency key header name"

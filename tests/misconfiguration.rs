@@ -54,3 +54,62 @@ async fn passing_through_without_a_scope_warns_too() {
 fn a_bad_route_template_panics_in_route() {
     let _ = IdempotencyLayer::new().post("/calls/{");
 }
+
+/// A key header name given twice (`Idempotency-Key` and `idempotency-key` are one name) is one
+/// header: a request carrying it once runs once and is replayed, with few headers or many, and
+/// the 400 for a missing key names it once.
+#[tokio::test]
+async fn a_header_name_given_twice_counts_once() {
+    use axum::http::HeaderName;
+    use std::sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    };
+    let runs = Arc::new(AtomicUsize::new(0));
+    let counted = runs.clone();
+    let app = Router::new()
+        .route(
+            "/calls",
+            post(move || {
+                counted.fetch_add(1, Ordering::SeqCst);
+                async { StatusCode::CREATED }
+            }),
+        )
+        .layer(
+            IdempotencyLayer::new()
+                .header_names([
+                    HeaderName::from_static("idempotency-key"),
+                    HeaderName::from_bytes(b"Idempotency-Key").unwrap(),
+                ])
+                .require_key(true),
+        );
+    for others in [0, 30] {
+        let keyed = || {
+            let mut request = Request::post("/calls")
+                .header("authorization", "Bearer org_a")
+                .header("Idempotency-Key", format!("k-{others}"));
+            for n in 0..others {
+                request = request.header(format!("x-other-{n}"), "v");
+            }
+            request.body(Body::from("{}")).unwrap()
+        };
+        let first = send(&app, keyed()).await;
+        assert_eq!(first.status, StatusCode::CREATED, "{others} other headers");
+        let again = send(&app, keyed()).await;
+        assert!(again.replayed(), "{others} other headers");
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+    let missing = send(
+        &app,
+        Request::post("/calls")
+            .header("authorization", "Bearer org_a")
+            .body(Body::from("{}"))
+            .unwrap(),
+    )
+    .await;
+    let detail = missing.json()["detail"].as_str().unwrap().to_owned();
+    assert!(
+        detail.ends_with("in the idempotency-key header"),
+        "{detail}"
+    );
+}
