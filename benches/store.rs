@@ -110,6 +110,45 @@ fn quiet_store() -> MemoryStore {
         .build()
 }
 
+/// Runs `iters` operations in chunks of [`CHUNK`] keys, numbered on from `*next`: `timed` does
+/// a chunk and returns how long it took, `untimed` then tidies up (sweeps); the sum of the
+/// timed parts.
+fn in_chunks(
+    iters: u64,
+    next: &mut u64,
+    mut timed: impl FnMut(std::ops::Range<u64>) -> Duration,
+    mut untimed: impl FnMut(std::ops::Range<u64>),
+) -> Duration {
+    let mut total = Duration::ZERO;
+    let mut left = iters;
+    while left > 0 {
+        let n = left.min(CHUNK);
+        left -= n;
+        let keys = *next..*next + n;
+        *next += n;
+        total += timed(keys.clone());
+        untimed(keys);
+    }
+    total
+}
+
+/// `begin` + `complete` for each of `keys`, with `lease` and `ttl`; how long they took.
+fn timed_pairs(
+    rt: &tokio::runtime::Runtime,
+    store: &MemoryStore,
+    keys: std::ops::Range<u64>,
+    (lease, ttl): (Duration, Duration),
+    template: &StoredResponse,
+) -> Duration {
+    rt.block_on(async {
+        let start = Instant::now();
+        for i in keys {
+            begin_complete(store, i, lease, ttl, template).await;
+        }
+        start.elapsed()
+    })
+}
+
 fn scaling(c: &mut Criterion) {
     let rt = runtime();
     let mut group = c.benchmark_group("scaling");
@@ -127,27 +166,25 @@ fn scaling(c: &mut Criterion) {
         let template = response(0);
         group.bench_with_input(BenchmarkId::from_parameter(live), &live, |b, &live| {
             b.iter_custom(|iters| {
-                let mut total = Duration::ZERO;
-                let mut left = iters;
-                while left > 0 {
-                    let n = left.min(CHUNK);
-                    left -= n;
-                    let keys: Vec<u64> = (next..next + n).collect();
-                    next += n;
-                    total += rt.block_on(async {
-                        let start = Instant::now();
-                        for &i in &keys {
-                            // A zero lease and TTL behave as any other on these paths; they
-                            // only let the sweep below take the record out again.
-                            begin_complete(&store, i, Duration::ZERO, Duration::ZERO, &template)
-                                .await;
-                        }
-                        start.elapsed()
-                    });
-                    store.sweep();
-                    debug_assert_eq!(store.len() as u64, live);
-                }
-                total
+                in_chunks(
+                    iters,
+                    &mut next,
+                    // A zero lease and TTL behave as any other on these paths; they only let
+                    // the sweep below take the record out again.
+                    |keys| {
+                        timed_pairs(
+                            &rt,
+                            &store,
+                            keys,
+                            (Duration::ZERO, Duration::ZERO),
+                            &template,
+                        )
+                    },
+                    |_| {
+                        store.sweep();
+                        debug_assert_eq!(store.len() as u64, live);
+                    },
+                )
             })
         });
         assert_eq!(store.len() as u64, live, "the live records stayed");
@@ -190,23 +227,26 @@ fn scaling_floor(c: &mut Criterion) {
         }
         let mut next = u64::MAX / 2;
         group.bench_with_input(BenchmarkId::from_parameter(live), &live, |b, _| {
+            let map = std::cell::RefCell::new(&mut map);
             b.iter_custom(|iters| {
-                let mut total = Duration::ZERO;
-                let mut left = iters;
-                while left > 0 {
-                    let n = left.min(CHUNK);
-                    left -= n;
-                    let start = Instant::now();
-                    for i in next..next + n {
-                        insert(&mut map, i);
-                    }
-                    total += start.elapsed();
-                    for i in next..next + n {
-                        map.remove(&key(i));
-                    }
-                    next += n;
-                }
-                total
+                in_chunks(
+                    iters,
+                    &mut next,
+                    |keys| {
+                        let mut map = map.borrow_mut();
+                        let start = Instant::now();
+                        for i in keys {
+                            insert(&mut map, i);
+                        }
+                        start.elapsed()
+                    },
+                    |keys| {
+                        let mut map = map.borrow_mut();
+                        for i in keys {
+                            map.remove(&key(i));
+                        }
+                    },
+                )
             })
         });
         assert_eq!(map.len() as u64, live, "the live records stayed");
@@ -236,26 +276,17 @@ fn evict(c: &mut Criterion) {
         let template = response(0);
         group.bench_with_input(BenchmarkId::from_parameter(full_at), &full_at, |b, _| {
             b.iter_custom(|iters| {
-                let mut total = Duration::ZERO;
-                let mut left = iters;
-                while left > 0 {
-                    let n = left.min(CHUNK);
-                    left -= n;
-                    let keys: Vec<u64> = (next..next + n).collect();
-                    next += n;
-                    total += rt.block_on(async {
-                        let start = Instant::now();
-                        for &i in &keys {
-                            // Full: this `begin` evicts the oldest completed record.
-                            begin_complete(&store, i, LEASE, TTL, &template).await;
-                        }
-                        start.elapsed()
-                    });
+                in_chunks(
+                    iters,
+                    &mut next,
+                    // Full: each `begin` evicts the oldest completed record.
+                    |keys| timed_pairs(&rt, &store, keys, (LEASE, TTL), &template),
                     // The background sweeper's work, untimed: it drops the expiry index
                     // entries the evicted records left behind.
-                    store.sweep();
-                }
-                total
+                    |_| {
+                        store.sweep();
+                    },
+                )
             })
         });
         assert_eq!(

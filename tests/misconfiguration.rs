@@ -61,18 +61,14 @@ fn a_bad_route_template_panics_in_route() {
 #[tokio::test]
 async fn a_header_name_given_twice_counts_once() {
     use axum::http::HeaderName;
-    use std::sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-    };
-    let runs = Arc::new(AtomicUsize::new(0));
-    let counted = runs.clone();
+    let calls = support::Calls::default();
+    let counted = calls.clone();
     let app = Router::new()
         .route(
             "/calls",
-            post(move || {
-                counted.fetch_add(1, Ordering::SeqCst);
-                async { StatusCode::CREATED }
+            post(move || async move {
+                counted.hit();
+                StatusCode::CREATED
             }),
         )
         .layer(
@@ -98,7 +94,7 @@ async fn a_header_name_given_twice_counts_once() {
         let again = send(&app, keyed()).await;
         assert!(again.replayed(), "{others} other headers");
     }
-    assert_eq!(runs.load(Ordering::SeqCst), 2);
+    assert_eq!(calls.get(), 2);
     let missing = send(
         &app,
         Request::post("/calls")
