@@ -165,12 +165,11 @@ impl IdempotencyLayer {
                 unique.push(name);
             }
         }
-        let names = unique;
         assert!(
-            !names.is_empty(),
+            !unique.is_empty(),
             "at least one idempotency key header name"
         );
-        self.with(|c| c.headers = names)
+        self.with(|c| c.headers = unique)
     }
 
     /// Whether a covered request must carry a key. Default: `false` (no key: the request passes

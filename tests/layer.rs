@@ -29,17 +29,6 @@ use tower::{Layer, Service, ServiceBuilder, ServiceExt, service_fn};
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_idempotency::{IdempotencyLayer, KeyReuse, MemoryStore, MissingScope};
 
-/// A router with the standard create handler on `POST /calls`, counting runs.
-fn calls_app(layer: IdempotencyLayer, calls: &Calls) -> Router {
-    let calls = calls.clone();
-    Router::new()
-        .route(
-            "/calls",
-            post(move |body: Bytes| async move { created(calls.hit(), &body) }),
-        )
-        .layer(layer)
-}
-
 // ---------------------------------------------------------------------------------------------
 // Replay fidelity
 

@@ -62,27 +62,19 @@ fn a_bad_route_template_panics_in_route() {
 async fn a_header_name_given_twice_counts_once() {
     use axum::http::HeaderName;
     let calls = support::Calls::default();
-    let counted = calls.clone();
-    let app = Router::new()
-        .route(
-            "/calls",
-            post(move || async move {
-                counted.hit();
-                StatusCode::CREATED
-            }),
-        )
-        .layer(
-            IdempotencyLayer::new()
-                .header_names([
-                    HeaderName::from_static("idempotency-key"),
-                    HeaderName::from_bytes(b"Idempotency-Key").unwrap(),
-                ])
-                .require_key(true),
-        );
+    let app = support::calls_app(
+        IdempotencyLayer::new()
+            .header_names([
+                HeaderName::from_static("idempotency-key"),
+                HeaderName::from_bytes(b"Idempotency-Key").unwrap(),
+            ])
+            .require_key(true),
+        &calls,
+    );
     for others in [0, 30] {
         let keyed = || {
             let mut request = Request::post("/calls")
-                .header("authorization", "Bearer org_a")
+                .header("authorization", support::ORG_A)
                 .header("Idempotency-Key", format!("k-{others}"));
             for n in 0..others {
                 request = request.header(format!("x-other-{n}"), "v");
@@ -98,7 +90,7 @@ async fn a_header_name_given_twice_counts_once() {
     let missing = send(
         &app,
         Request::post("/calls")
-            .header("authorization", "Bearer org_a")
+            .header("authorization", support::ORG_A)
             .body(Body::from("{}"))
             .unwrap(),
     )

@@ -158,6 +158,18 @@ impl Calls {
     }
 }
 
+/// A router with the standard create handler ([`created`]) on `POST /calls` behind `layer`,
+/// counting runs in `calls`.
+pub fn calls_app(layer: tower_idempotency::IdempotencyLayer, calls: &Calls) -> axum::Router {
+    let calls = calls.clone();
+    axum::Router::new()
+        .route(
+            "/calls",
+            axum::routing::post(move |body: Bytes| async move { created(calls.hit(), &body) }),
+        )
+        .layer(layer)
+}
+
 /// Awaits `future`, failing the test if it hangs.
 pub async fn within<F: Future>(future: F) -> F::Output {
     tokio::time::timeout(HANG, future)
