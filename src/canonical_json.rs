@@ -32,6 +32,8 @@ pub(crate) fn canonicalize(body: &[u8]) -> Option<(Vec<u8>, bool)> {
         members: Vec::new(),
         scratch: Vec::new(),
         lossless: true,
+        defer_outermost: false,
+        outermost_deferred: false,
     };
     c.skip_whitespace();
     c.value(0)?;
@@ -46,13 +48,18 @@ struct Canonicalizer<'a> {
     input: &'a [u8],
     pos: usize,
     out: Vec<u8>,
-    /// The members of the objects being written, innermost last: each key and where its
-    /// `"key":value` text lies in `out`.
-    members: Vec<(Text<'a>, Range<usize>)>,
+    /// The members of the objects being written, innermost last.
+    members: Vec<Member<'a>>,
     /// Room to reorder one object's members.
     scratch: Vec<u8>,
     /// No repeated key dropped, no number rounded, so far.
     lossless: bool,
+    /// Whether an outermost object whose members did not arrive in key order is left as it
+    /// came, for [`Canonicalizer::pieces`] to hand out in order, rather than copied in order.
+    defer_outermost: bool,
+    /// It was: `out` holds the outermost object's `{` and its members as they came, without the
+    /// closing `}`, and `members` holds them in key order.
+    outermost_deferred: bool,
 }
 
 impl<'a> Canonicalizer<'a> {
@@ -102,6 +109,7 @@ impl<'a> Canonicalizer<'a> {
     }
 
     /// A string token; borrowed from the text when it has no escape sequence.
+    #[inline(always)]
     fn string(&mut self) -> Option<Text<'a>> {
         let input = self.input;
         let start = self.pos + 1;
@@ -236,6 +244,11 @@ impl<'a> Canonicalizer<'a> {
             let key_start = self.pos;
             let key = self.string()?;
             self.write_string(&key, key_start);
+            let prefix = match &key {
+                // The key's bytes begin just after its opening quote.
+                Text::Plain(text) => prefix_of(self.input, key_start + 1, text.len()),
+                Text::Decoded(text) => prefix_of(text.as_bytes(), 0, text.len()),
+            };
             self.out.push(b':');
             self.skip_whitespace();
             if self.peek()? != b':' {
@@ -244,7 +257,11 @@ impl<'a> Canonicalizer<'a> {
             self.pos += 1;
             self.skip_whitespace();
             self.value(depth)?;
-            self.members.push((key, start..self.out.len()));
+            self.members.push(Member {
+                prefix,
+                key,
+                text: start..self.out.len(),
+            });
             self.skip_whitespace();
             match self.peek()? {
                 b',' => {
@@ -263,23 +280,37 @@ impl<'a> Canonicalizer<'a> {
             members,
             scratch,
             lossless,
+            defer_outermost,
+            outermost_deferred,
             ..
         } = self;
         let object = &mut members[base..];
         let in_order = object
             .windows(2)
-            .all(|pair| pair[0].0.as_bytes() < pair[1].0.as_bytes());
+            .all(|pair| pair[0].key_cmp(&pair[1]).is_lt());
         if !in_order {
             // A stable sort keeps duplicates in arrival order; the last of each run wins.
-            object.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+            object.sort_by(Member::key_cmp);
+            if open == 0 && *defer_outermost {
+                // A repeated key makes the form lossy, and then no one reads it: nothing to
+                // drop.
+                if object
+                    .windows(2)
+                    .any(|pair| pair[0].key_cmp(&pair[1]).is_eq())
+                {
+                    *lossless = false;
+                }
+                *outermost_deferred = true;
+                return Some(());
+            }
             // The members in key order, straight from `out` into `scratch`.
             scratch.clear();
             scratch.reserve(out.len() - open);
             scratch.push(b'{');
-            for (i, (key, range)) in object.iter().enumerate() {
+            for (i, member) in object.iter().enumerate() {
                 if object
                     .get(i + 1)
-                    .is_some_and(|(next, _)| next.as_bytes() == key.as_bytes())
+                    .is_some_and(|next| next.key_cmp(member).is_eq())
                 {
                     *lossless = false;
                     continue;
@@ -287,7 +318,7 @@ impl<'a> Canonicalizer<'a> {
                 if scratch.len() > 1 {
                     scratch.push(b',');
                 }
-                append(scratch, out, range.clone());
+                append(scratch, out, member.text.clone());
             }
             if open == 0 {
                 // The outermost object is all of `out`: take the sorted copy in its place
@@ -301,6 +332,25 @@ impl<'a> Canonicalizer<'a> {
         out.push(b'}');
         members.truncate(base);
         Some(())
+    }
+}
+
+impl Canonicalizer<'_> {
+    /// Hands the canonical form to `write` in order, in one piece or (when the outermost object
+    /// was deferred) a piece per member and separator.
+    fn pieces(&self, mut write: impl FnMut(&[u8])) {
+        if !self.outermost_deferred {
+            write(&self.out);
+            return;
+        }
+        write(b"{");
+        for (i, member) in self.members.iter().enumerate() {
+            if i > 0 {
+                write(b",");
+            }
+            write(&self.out[member.text.clone()]);
+        }
+        write(b"}");
     }
 }
 
@@ -364,6 +414,46 @@ impl Decimal {
             digits,
             exponent,
         }
+    }
+}
+
+/// A member of an object being written.
+struct Member<'a> {
+    /// The first eight bytes of the key (zeros past its end), big-endian: keys whose prefixes
+    /// differ are in the order of their prefixes, so most comparisons need nothing else.
+    prefix: u64,
+    key: Text<'a>,
+    /// Where its `"key":value` text lies in `out`.
+    text: Range<usize>,
+}
+
+impl Member<'_> {
+    /// The order of the keys' UTF-8 bytes.
+    fn key_cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.prefix
+            .cmp(&other.prefix)
+            .then_with(|| self.key.as_bytes().cmp(other.key.as_bytes()))
+    }
+}
+
+/// The first `min(len, 8)` bytes of `bytes[start..start + len]` as a big-endian `u64`, padded
+/// with zero bytes. If one key's prefix is below another's, the key is below it too: at the
+/// first byte where the prefixes differ, either both keys have a byte and they differ the same
+/// way, or the lower key has ended there and is a prefix of the other.
+fn prefix_of(bytes: &[u8], start: usize, len: usize) -> u64 {
+    let word = match bytes.get(start..start + 8) {
+        Some(eight) => u64::from_be_bytes(eight.try_into().expect("eight bytes")),
+        None => {
+            let mut eight = [0u8; 8];
+            let tail = &bytes[start..];
+            eight[..tail.len()].copy_from_slice(tail);
+            u64::from_be_bytes(eight)
+        }
+    };
+    match len {
+        0 => 0,
+        1..8 => word & !(u64::MAX >> (8 * len)),
+        _ => word,
     }
 }
 
@@ -445,4 +535,4 @@ mod buffers;
 pub(crate) use buffers::with_lossless_canonical;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

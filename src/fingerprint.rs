@@ -127,11 +127,11 @@ pub fn fingerprint(
 /// body parses and its canonical form keeps all it says (no key twice in one object, every
 /// number exact as a double; see the [module docs](self)), the raw bytes otherwise.
 pub fn body_digest(body: &[u8], json: bool) -> (BodyKind, [u8; 32]) {
-    if json
-        && let Some(digest) =
-            with_lossless_canonical(body, |canonical| Sha256::digest(canonical).into())
-    {
-        return (BodyKind::Json, digest);
+    if json {
+        let mut hasher = Sha256::new();
+        if with_lossless_canonical(body, |piece| hasher.update(piece)) {
+            return (BodyKind::Json, hasher.finalize().into());
+        }
     }
     (BodyKind::Raw, Sha256::digest(body).into())
 }

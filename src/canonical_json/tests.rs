@@ -156,7 +156,7 @@ fn a_key_named_like_serde_json_internals_is_an_ordinary_key() {
     assert_ne!(canonical_json(marker), canonical_json(b"[1,2]"));
 }
 
-fn json_value() -> impl proptest::strategy::Strategy<Value = serde_json::Value> {
+pub(crate) fn json_value() -> impl proptest::strategy::Strategy<Value = serde_json::Value> {
     use proptest::prelude::*;
     use serde_json::Value;
     let leaf = prop_oneof![

@@ -153,6 +153,66 @@ fn a_slot_keeps_its_room_for_a_body_that_fits() {
     assert_eq!(room(&memo), before);
 }
 
+/// What [`body_digest`]`(body, true)` must be: SHA-256 of the whole canonical form when it is
+/// lossless, of the bytes as sent otherwise.
+fn expected(body: &[u8]) -> (BodyKind, [u8; 32]) {
+    match canonicalize(body) {
+        Some((canonical, true)) => (BodyKind::Json, Sha256::digest(&canonical).into()),
+        _ => (BodyKind::Raw, Sha256::digest(body).into()),
+    }
+}
+
+/// `value` as JSON text with every object's members in reverse key order, so that every
+/// object with two members or more is out of order; with `repeat`, the outermost object's
+/// first member is written twice.
+fn reversed(value: &serde_json::Value, repeat: bool, out: &mut Vec<u8>) {
+    use serde_json::Value;
+    match value {
+        Value::Array(items) => {
+            out.push(b'[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                reversed(item, false, out);
+            }
+            out.push(b']');
+        }
+        Value::Object(members) => {
+            out.push(b'{');
+            let mut members: Vec<_> = members.iter().rev().collect();
+            if repeat && let Some(&first) = members.first() {
+                members.insert(0, first);
+            }
+            for (i, (key, value)) in members.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                serde_json::to_writer(&mut *out, key).unwrap();
+                out.push(b':');
+                reversed(value, false, out);
+            }
+            out.push(b'}');
+        }
+        scalar => serde_json::to_writer(&mut *out, scalar).unwrap(),
+    }
+}
+
+proptest::proptest! {
+    /// The digest is that of the whole canonical form, whether the outermost object came in
+    /// key order or not (out of order, it is hashed a member at a time), and the bytes as sent
+    /// when a key is repeated.
+    #[test]
+    fn a_json_digest_is_the_digest_of_the_canonical_form(
+        value in crate::canonical_json::tests::json_value(),
+        repeat: bool,
+    ) {
+        let mut body = Vec::new();
+        reversed(&value, repeat, &mut body);
+        proptest::prop_assert_eq!(body_digest(&body, true), expected(&body));
+    }
+}
+
 #[test]
 fn a_json_digest_does_not_depend_on_the_bodies_digested_before_it() {
     let wide = format!(
@@ -175,10 +235,6 @@ fn a_json_digest_does_not_depend_on_the_bodies_digested_before_it() {
         br#"{"z":[{"b":1,"a":2}],"y":{"d":{},"c":[]}}"#,
         b"{}",
     ];
-    let expected = |body: &[u8]| match canonicalize(body) {
-        Some((canonical, true)) => (BodyKind::Json, Sha256::digest(&canonical).into()),
-        _ => (BodyKind::Raw, Sha256::digest(body).into()),
-    };
     // Each body after each other one (and after itself), on one thread.
     for first in bodies {
         for second in bodies {
