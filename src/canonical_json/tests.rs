@@ -17,7 +17,7 @@ fn canonical_json_sorts_keys_and_drops_whitespace() {
 /// The canonical form as first written: parse into a `serde_json::Value`, then write it
 /// with sorted keys. `canonical_json` must give the same bytes (stored fingerprints stay
 /// valid), without building the tree.
-fn reference(body: &[u8]) -> Option<Vec<u8>> {
+pub(crate) fn reference(body: &[u8]) -> Option<Vec<u8>> {
     fn write(value: &serde_json::Value, out: &mut Vec<u8>) {
         use serde_json::Value;
         match value {
