@@ -1,0 +1,77 @@
+//! Run to completion: a covered handler runs in its request's own task, and goes on in a task
+//! of its own when the request is dropped before it finishes (its client left); also when the
+//! request was dropped outside the runtime.
+//!
+//! That a dropped request's handler still completes and stores is in `retry_safety.rs`
+//! (`a_dropped_response_future_still_completes_and_stores`), and that the drain waits for it in
+//! `durable_completion.rs`.
+
+mod support;
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    task::{Context, Waker},
+    time::Duration,
+};
+
+use axum::{Router, body::Bytes, routing::post};
+use tower::ServiceExt;
+use tower_idempotency::{IdempotencyLayer, MemoryStore};
+
+use support::{Calls, TestStore, created, request, send};
+
+/// The request's future is polled inside the runtime's context until its handler has started,
+/// then dropped on this thread, outside any runtime: the handler still finishes, on the runtime
+/// it started on, and its response is stored, so that the retry replays it.
+#[test]
+fn a_request_dropped_outside_the_runtime_still_completes() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let store = TestStore::new(MemoryStore::new());
+    let calls = Calls::default();
+    let started = Arc::new(AtomicBool::new(false));
+    let (counted, flag) = (calls.clone(), started.clone());
+    let app = Router::new()
+        .route(
+            "/calls",
+            post(move |body: Bytes| async move {
+                flag.store(true, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                created(counted.hit(), &body)
+            }),
+        )
+        .layer(IdempotencyLayer::new().post("/calls").store(store.clone()));
+
+    let mut pending = Box::pin(
+        app.clone()
+            .oneshot(request("/calls", Some("k-dropped"), "{}")),
+    );
+    {
+        let _context = runtime.enter();
+        let mut cx = Context::from_waker(Waker::noop());
+        for _ in 0..1000 {
+            if started.load(Ordering::SeqCst) {
+                break;
+            }
+            assert!(pending.as_mut().poll(&mut cx).is_pending());
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(started.load(Ordering::SeqCst), "the handler never started");
+    }
+    assert!(tokio::runtime::Handle::try_current().is_err());
+    drop(pending);
+
+    runtime.block_on(async {
+        store.wait_for(|e| e.completed == 1).await;
+        let retry = send(&app, request("/calls", Some("k-dropped"), "{}")).await;
+        assert!(retry.replayed());
+        assert_eq!(retry.json()["run"], 1);
+        assert_eq!(calls.get(), 1, "the handler ran once");
+    });
+}
