@@ -15,8 +15,7 @@
 //!   layer).
 //! - `first_request`: execute and store, a fresh key and a new body (one field changed) each
 //!   iteration, 1 KiB JSON body; also ours with the body sent as `text/plain` (hashed as sent,
-//!   no canonical JSON) and ours with `run_to_completion(false)` (the handler cancelled with its request: no boxed,
-//!   tracked job that a dropped request would hand to a task of its own), to show
+//!   no canonical JSON) and ours with `run_to_completion(false)` (no task per request), to show
 //!   where the time goes.
 //! - `replay`: the same request again, answered from the store.
 //! - `body_size`: first request and replay at 1 KiB, 64 KiB and 1 MiB JSON bodies.
@@ -262,8 +261,8 @@ fn first_request(c: &mut Criterion) {
             Shape::FreshKey,
         );
     }
-    // Where our first request's time goes: without canonical JSON, and without what lets the
-    // handler finish when the client goes away.
+    // Where our first request's time goes: without canonical JSON, and without the task that
+    // lets the handler finish when the client goes away.
     timed_on(
         &mut group,
         "tower_idempotency_text_body",

@@ -246,12 +246,10 @@ impl IdempotencyLayer {
     }
 
     /// Whether a covered handler runs to completion, and its response is stored, even when the
-    /// client disconnects. Default: `true`: once the lease is taken the handler runs in the
-    /// request's own task, and if the response future is dropped before it finishes (the client
-    /// left), it goes on in a tokio task of its own, on the runtime it started on, where
-    /// [`Drain`](crate::Drain) waits for it. So a client that timed out and retries gets the
-    /// stored response instead of a second run. `false`: dropping the response future cancels
-    /// the handler and releases the lease.
+    /// client disconnects. Default: `true`: the handler runs on its own tokio task once the
+    /// lease is taken, so a client that timed out and retries gets the stored response instead
+    /// of a second run. `false`: dropping the response future cancels the handler and releases
+    /// the lease.
     pub fn run_to_completion(self, enabled: bool) -> Self {
         self.with(|c| c.run_to_completion = enabled)
     }
@@ -302,7 +300,7 @@ impl IdempotencyLayer {
     /// [`Retry-After`](Problem::retry_after_secs), [`type` URI](Problem::type_uri)) of every
     /// response the layer makes itself: 400 invalid or missing key and unreadable body, 401
     /// missing scope, 409 in flight, 413 body too large, 422 key reused, 503 store unavailable
-    /// or full, and the 500s of a [`Lease`](crate::Lease) extractor
+    /// or full or server shutting down, and the 500s of a [`Lease`](crate::Lease) extractor
     /// and of `TransactionalError` that reach the client through this layer. Replays are the
     /// stored responses, never passed to it. The response's status, headers and body are the
     /// hook's; when the problem has a `Retry-After` and the hook's response has no

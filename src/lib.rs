@@ -35,9 +35,8 @@
 //!    (canonical JSON) body.
 //! 6. **Begin**: one atomic store call. Absent: take a lease and run. In flight: 409 or wait.
 //!    Completed: replay. Completed with another request in strict mode: 422.
-//! 7. **Run** the inner service in the request's task, moved to a task of its own if the client
-//!    goes away first (so it finishes either way), renewing the lease while it runs; a panic or
-//!    error releases the lease.
+//! 7. **Run** the inner service on its own task (so it finishes even if the client goes away),
+//!    renewing the lease while it runs; a panic or error releases the lease.
 //! 8. **Capture** status, end-to-end headers and body (up to
 //!    [`max_response_body`](IdempotencyLayer::max_response_body)), store them if the status
 //!    policy says so, and send the response.
@@ -123,7 +122,6 @@ mod begin;
 mod canonical_json;
 mod capture;
 mod config;
-mod detach;
 mod drain;
 pub mod fingerprint;
 mod future;

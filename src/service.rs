@@ -12,6 +12,7 @@ use std::{
     panic::AssertUnwindSafe,
     sync::Arc,
     task::{Context, Poll},
+    time::Duration,
 };
 
 use axum::{body::Body, extract::OriginalUri};
@@ -25,7 +26,6 @@ use crate::{
     begin::{Decision, begin},
     capture::{Captured, TOO_LARGE, capture},
     config::{Config, KeyReuse, MissingScope},
-    detach::Detachable,
     fingerprint::{self, RequestIdentity},
     future::ResponseFuture,
     instrument::{self, Route},
@@ -338,8 +338,7 @@ where
         }
     };
 
-    // Run (in this task, moved to its own if the client leaves, unless cancellation is
-    // wanted), capture, complete.
+    // Run (on its own task unless cancellation is wanted), capture, complete.
     let method = parts.method.clone();
     let path = path.to_owned();
     // What the handler may read: the validated key, whose it is, and its lease.
@@ -355,16 +354,25 @@ where
         token: Some(token),
     };
     let job = execute(config.clone(), inner, req, guard, method, path);
-    let ran = if config.run_to_completion {
-        // Here, and in a task of its own if the client leaves first; tracked, so that a
-        // shutdown can wait for a handler whose client has gone.
-        Detachable::new(&config.tracker, job).await
+    let panic = if config.run_to_completion {
+        // Tracked, so that a shutdown can wait for a handler whose client has gone.
+        match config.tracker.spawn(job).await {
+            Ok(result) => return result.map_err(|error| Ended::Error(Outcome::Executed, error)),
+            Err(error) if error.is_panic() => error.into_panic(),
+            Err(_) => {
+                return Ok(Outcome::Rejected.mark(
+                    config.reject.render(
+                        Problem::new(ProblemKind::StoreUnavailable, "the server is shutting down")
+                            .retry_after(Duration::from_secs(1)),
+                    ),
+                ));
+            }
+        }
     } else {
-        AssertUnwindSafe(job).catch_unwind().await
-    };
-    let panic = match ran {
-        Ok(result) => return result.map_err(|error| Ended::Error(Outcome::Executed, error)),
-        Err(panic) => panic,
+        match AssertUnwindSafe(job).catch_unwind().await {
+            Ok(result) => return result.map_err(|error| Ended::Error(Outcome::Executed, error)),
+            Err(panic) => panic,
+        }
     };
     // The handler panicked. Its guard released the lease from a background task on drop;
     // release it here too (the token check makes the second call a no-op) so that it is gone

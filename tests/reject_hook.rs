@@ -18,6 +18,7 @@ use futures_util::stream;
 use http::{HeaderValue, Request, StatusCode, header};
 use support::*;
 use tokio::sync::Notify;
+use tower::ServiceExt;
 use tower_idempotency::{
     IdempotencyLayer, KeyReuse, Lease, MemoryStore, ProblemTypes,
     problem::{Problem, ProblemKind},
@@ -392,4 +393,71 @@ async fn a_transactional_rejection_is_not_stored_whatever_the_status_policy() {
     assert_eq!(retry.status, StatusCode::CREATED);
     assert_eq!(retry.text(), "ran again");
     assert_eq!(runs.load(Ordering::SeqCst), 2);
+}
+
+/// Polls `future` on this thread, outside any runtime, until it is ready; panics after [`HANG`].
+/// For a request that must outlive the runtime that runs its handler.
+fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    use std::task::{Context, Poll, Wake, Waker};
+    struct Unpark(std::thread::Thread);
+    impl Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    let mut future = std::pin::pin!(future);
+    let deadline = std::time::Instant::now() + HANG;
+    loop {
+        if let Poll::Ready(output) = future.as_mut().poll(&mut cx) {
+            return output;
+        }
+        assert!(std::time::Instant::now() < deadline, "the request hung");
+        std::thread::park_timeout(HANG);
+    }
+}
+
+/// The runtime that runs a covered handler (on its own task, `run_to_completion`) shuts down
+/// while the request waits for it: the layer answers 503 "shutting down" itself, and that
+/// rejection goes through the hook too, with the layer's `Retry-After`.
+#[test]
+fn the_shutdown_503_goes_through_the_hook() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let handle = runtime.handle().clone();
+    let (started, on_start) = std::sync::mpsc::channel::<()>();
+    let app = Router::new()
+        .route(
+            "/calls",
+            post(move || async move {
+                started.send(()).unwrap();
+                std::future::pending::<()>().await;
+                StatusCode::CREATED
+            }),
+        )
+        .layer(hooked().post("/calls"));
+    // Shuts the runtime down once the handler has started: its task is cancelled.
+    let stopper = std::thread::spawn(move || {
+        on_start.recv().unwrap();
+        runtime.shutdown_background();
+    });
+    // The request's own future runs here, in the runtime's context but not on it, so that it
+    // outlives the runtime and sees its handler's task cancelled.
+    let reply = {
+        let _context = handle.enter();
+        let response = block_on(app.oneshot(request("/calls", Some("k-shutdown"), "{}"))).unwrap();
+        block_on(Reply::collect(response))
+    };
+    stopper.join().unwrap();
+    assert_hooked(
+        &reply,
+        ProblemKind::StoreUnavailable,
+        StatusCode::SERVICE_UNAVAILABLE,
+    );
+    assert_eq!(reply.json()["detail"], "the server is shutting down");
+    assert_eq!(reply.header("retry-after"), Some("1"));
 }

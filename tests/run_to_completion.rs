@@ -1,8 +1,12 @@
-//! Run to completion: a covered handler runs in its request's own task, and goes on in a task
-//! of its own when the request is dropped before it finishes (its client left); also when the
-//! request was dropped outside the runtime.
+//! Run to completion: a covered handler runs on a task of its own, so that it finishes, and its
+//! response is stored, whatever becomes of the request's future: dropped (also outside the
+//! runtime), or kept but no longer polled.
 //!
-//! That a dropped request's handler still completes and stores is in `retry_safety.rs`
+//! Running the handler in the request's own task, and handing it to a task only when the
+//! request is dropped, was tried (it saves about a seventh of a first request's time): a
+//! request kept but not polled then stalls its handler and its lease renewals, the lease
+//! expires, and the retry runs the handler a second time. The second test here fails that way.
+//! That a dropped request's handler still completes and stores is also in `retry_safety.rs`
 //! (`a_dropped_response_future_still_completes_and_stores`), and that the drain waits for it in
 //! `durable_completion.rs`.
 
@@ -24,8 +28,8 @@ use tower_idempotency::{IdempotencyLayer, MemoryStore};
 use support::{Calls, TestStore, created, request, send};
 
 /// The request's future is polled inside the runtime's context until its handler has started,
-/// then dropped on this thread, outside any runtime: the handler still finishes, on the runtime
-/// it started on, and its response is stored, so that the retry replays it.
+/// then dropped on this thread, outside any runtime: the handler still finishes on the runtime,
+/// and its response is stored, so that the retry replays it.
 #[test]
 fn a_request_dropped_outside_the_runtime_still_completes() {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -74,4 +78,49 @@ fn a_request_dropped_outside_the_runtime_still_completes() {
         assert_eq!(retry.json()["run"], 1);
         assert_eq!(calls.get(), 1, "the handler ran once");
     });
+}
+
+/// The request's future is polled until its handler has started, then kept but never polled
+/// again (a caller stalled without dropping it), for longer than the lease: the handler still
+/// finishes and keeps its lease, and the retry replays its response rather than running it
+/// again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_kept_but_not_polled_still_completes_and_keeps_its_lease() {
+    let store = TestStore::new(MemoryStore::new());
+    let calls = Calls::default();
+    let counted = calls.clone();
+    let app = Router::new()
+        .route(
+            "/calls",
+            post(move |body: Bytes| async move {
+                let run = counted.hit();
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                created(run, &body)
+            }),
+        )
+        .layer(
+            IdempotencyLayer::new()
+                .post("/calls")
+                .store(store.clone())
+                .lease(Duration::from_millis(300)),
+        );
+
+    let mut held = Box::pin(app.clone().oneshot(request("/calls", Some("k-held"), "{}")));
+    let mut cx = Context::from_waker(Waker::noop());
+    for _ in 0..1000 {
+        if calls.get() > 0 {
+            break;
+        }
+        assert!(held.as_mut().poll(&mut cx).is_pending());
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(calls.get(), 1, "the handler never started");
+    // Not polled for more than two leases.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+
+    let retry = send(&app, request("/calls", Some("k-held"), "{}")).await;
+    assert!(retry.replayed(), "status {}", retry.status);
+    assert_eq!(calls.get(), 1, "the handler ran once");
+    assert_eq!(store.events().completed, 1);
+    drop(held);
 }

@@ -192,8 +192,9 @@ fn problems(config: &Config) -> Vec<ProblemResponse> {
     }
     problems.push(ProblemResponse {
         status: StatusCode::SERVICE_UNAVAILABLE,
-        description: "The idempotency store is unavailable or full; the request was not \
-                      processed. Retry after `Retry-After` seconds."
+        description: "The idempotency store is unavailable or full, or the server is \
+                      shutting down; the request was not processed. Retry after \
+                      `Retry-After` seconds."
             .into(),
         retry_after: true,
         examples: vec![
