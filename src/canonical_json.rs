@@ -77,12 +77,7 @@ impl<'a> Canonicalizer<'a> {
         match self.peek()? {
             b'{' => self.object(depth + 1),
             b'[' => self.array(depth + 1),
-            b'"' => {
-                let start = self.pos;
-                let text = self.string()?;
-                self.write_string(&text, start);
-                Some(())
-            }
+            b'"' => self.string_value(),
             b't' => self.literal(b"true"),
             b'f' => self.literal(b"false"),
             b'n' => self.literal(b"null"),
@@ -96,12 +91,7 @@ impl<'a> Canonicalizer<'a> {
     #[inline(always)]
     fn element(&mut self, depth: usize) -> Option<()> {
         match self.peek()? {
-            b'"' => {
-                let start = self.pos;
-                let text = self.string()?;
-                self.write_string(&text, start);
-                Some(())
-            }
+            b'"' => self.string_value(),
             b'-' | b'0'..=b'9' => self.number(),
             _ => self.value(depth),
         }
@@ -112,6 +102,15 @@ impl<'a> Canonicalizer<'a> {
         (self.input.get(self.pos..end)? == word).then_some(())?;
         self.pos = end;
         self.out.extend_from_slice(word);
+        Some(())
+    }
+
+    /// A string value: read, then written in canonical form.
+    #[inline(always)]
+    fn string_value(&mut self) -> Option<()> {
+        let start = self.pos;
+        let text = self.string()?;
+        self.write_string(&text, start);
         Some(())
     }
 
