@@ -353,7 +353,9 @@ where
         key: store_key,
         token: Some(token),
     };
-    let job = execute(config.clone(), inner, req, guard, method, path);
+    // Boxed: the future is large (the handler's future, capture, completion), and a box moves
+    // as one pointer into the task or the catch-unwind wrapper, and keeps this future small.
+    let job = Box::pin(execute(config.clone(), inner, req, guard, method, path));
     let panic = if config.run_to_completion {
         // Tracked, so that a shutdown can wait for a handler whose client has gone.
         match config.tracker.spawn(job).await {
