@@ -308,12 +308,19 @@ where
         key: &key,
     };
     let json = config.canonical_json && fingerprint::is_json(&parts.headers);
-    let request_key = fingerprint::store_key(&id);
-    let (kind, digest) = fingerprint::body_digest_remembered(&request_key, &bytes, json);
+    // The request key (scope, method, path, idempotency key) is the record key in strict mode
+    // and the key of the remembered canonical digests; a text body in the default mode needs
+    // neither, and is spared its three SHA-256 blocks.
+    let strict = config.key_reuse == KeyReuse::Reject;
+    let request_key = (json || strict).then(|| fingerprint::store_key(&id));
+    let (kind, digest) = match &request_key {
+        Some(request_key) => fingerprint::body_digest_remembered(request_key, &bytes, json),
+        None => fingerprint::body_digest(&bytes, false),
+    };
     let fp = fingerprint::fingerprint(&id, uri.query(), kind, &digest);
-    let store_key = match config.key_reuse {
-        KeyReuse::NewRequest => StoreKey(fp.0),
-        KeyReuse::Reject => request_key,
+    let store_key = match request_key {
+        Some(request_key) if strict => request_key,
+        _ => StoreKey(fp.0),
     };
 
     // Begin.

@@ -177,6 +177,45 @@ async fn non_json_bodies_are_hashed_raw() {
     assert_eq!(calls.get(), 3);
 }
 
+/// Strict mode binds the key to the first request whatever its body is hashed as: raw (a text
+/// body) or canonical JSON turned off. The record key is then the request key, not the
+/// fingerprint, and the layer computes it only when it needs it.
+#[tokio::test]
+async fn strict_mode_rejects_a_different_raw_body_with_422() {
+    let text = |body: &'static str| {
+        keyed(Method::POST, "/calls", "k")
+            .header(header::CONTENT_TYPE, "text/plain")
+            .body(Body::from(body))
+            .unwrap()
+    };
+    let json = |body: &'static str| request("/calls", Some("k"), body);
+    let cases: [(
+        &str,
+        IdempotencyLayer,
+        &dyn Fn(&'static str) -> Request<Body>,
+    ); 2] = [
+        ("text body", IdempotencyLayer::new(), &text),
+        (
+            "canonical JSON off",
+            IdempotencyLayer::new().canonical_json(false),
+            &json,
+        ),
+    ];
+    for (case, layer, build) in cases {
+        let calls = Calls::default();
+        let app = calls_app(layer.post("/calls").key_reuse(KeyReuse::Reject), &calls);
+        let first = send(&app, build(r#"{"to":"+1"}"#)).await;
+        assert_eq!(first.status, StatusCode::CREATED, "{case}");
+        send(&app, build(r#"{"to":"+2"}"#))
+            .await
+            .assert_problem(StatusCode::UNPROCESSABLE_ENTITY, "key-reused");
+        assert_eq!(calls.get(), 1, "{case}: nothing ran for the different body");
+        let again = send(&app, build(r#"{"to":"+1"}"#)).await;
+        assert!(again.replayed(), "{case}");
+        assert_eq!(again.body, first.body, "{case}");
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Key validation
 
