@@ -258,9 +258,10 @@ impl IdempotencyLayer {
     /// (object keys sorted, whitespace dropped; see [`crate::fingerprint`]), so that a retry
     /// whose client re-serialized the same object in another key order still replays.
     /// Default: `true`. With `false`, every body is hashed as sent: a first request then costs
-    /// about 1 µs less per KiB of JSON (measured 2026-12-03: a 1 KiB body's digest took 1.65 µs
-    /// canonical against 0.57 µs as sent, a 64 KiB one 100 µs against 34 µs; see
-    /// BENCHMARKS.md), and a retry must repeat its body byte for byte to replay.
+    /// about 1 to 2 µs less per KiB of JSON (measured on 2026-12-03 on two virtual machines: a
+    /// 1 KiB body's digest took 1.65 and 2.82 µs canonical against 0.57 and 0.71 µs as sent,
+    /// a 64 KiB one 100 and 169 µs against 34 and 42 µs; see BENCHMARKS.md), and a retry must
+    /// repeat its body byte for byte to replay.
     pub fn canonical_json(self, enabled: bool) -> Self {
         self.with(|c| c.canonical_json = enabled)
     }
