@@ -356,25 +356,15 @@ async fn a_hooks_own_outcome_extension_is_replaced_by_the_layers() {
 async fn concurrent_retries_of_an_evicted_record_run_it_once() {
     let store = MemoryStore::builder().max_records(2).build();
     let calls = Calls::default();
-    let app = {
-        let calls = calls.clone();
-        Router::new()
-            .route(
-                "/calls",
-                post(move |body: Bytes| async move {
-                    let run = calls.hit();
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    created(run, &body)
-                }),
-            )
-            .layer(
-                IdempotencyLayer::new()
-                    .store(store.clone())
-                    .in_flight(InFlight::Wait {
-                        timeout: Duration::from_secs(10),
-                    }),
-            )
-    };
+    let app = slow_calls_app(
+        IdempotencyLayer::new()
+            .store(store.clone())
+            .in_flight(InFlight::Wait {
+                timeout: Duration::from_secs(10),
+            }),
+        &calls,
+        Duration::from_millis(100),
+    );
     for key in ["a", "b", "c"] {
         send(&app, request("/calls", Some(key), "{}")).await;
         tokio::time::advance(Duration::from_secs(1)).await;

@@ -27,26 +27,6 @@ use tower_idempotency::{
     store::{Fingerprint, StoreKey, StoredResponse},
 };
 
-/// The standard create handler on `POST /calls`, counting runs, after `before` (a sleep, a
-/// gate) has finished.
-fn app_with<F, Fut>(layer: IdempotencyLayer, calls: &Calls, before: F) -> Router
-where
-    F: Fn(usize) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = ()> + Send,
-{
-    let calls = calls.clone();
-    Router::new()
-        .route(
-            "/calls",
-            post(move |body: Bytes| async move {
-                let run = calls.hit();
-                before(run).await;
-                created(run, &body)
-            }),
-        )
-        .layer(layer)
-}
-
 /// Serves `app` on a fresh port of 127.0.0.1.
 async fn serve(app: Router) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -88,10 +68,10 @@ impl Drop for CancelSignal {
 async fn a_retry_after_a_client_timeout_gets_the_stored_response() {
     let store = TestStore::new(MemoryStore::new());
     let calls = Calls::default();
-    let app = app_with(
+    let app = slow_calls_app(
         IdempotencyLayer::new().post("/calls").store(store.clone()),
         &calls,
-        |_| tokio::time::sleep(Duration::from_millis(500)),
+        Duration::from_millis(500),
     );
     let addr = serve(app).await;
 
@@ -127,7 +107,7 @@ async fn without_run_to_completion_a_client_disconnect_cancels_and_releases() {
     let calls = Calls::default();
     let cancelled = Arc::new(AtomicBool::new(false));
     let flag = cancelled.clone();
-    let app = app_with(
+    let app = calls_app_with(
         IdempotencyLayer::new()
             .post("/calls")
             .store(store.clone())
@@ -176,10 +156,10 @@ async fn without_run_to_completion_a_client_disconnect_cancels_and_releases() {
 async fn a_dropped_response_future_still_completes_and_stores() {
     let store = TestStore::new(MemoryStore::new());
     let calls = Calls::default();
-    let app = app_with(
+    let app = slow_calls_app(
         IdempotencyLayer::new().post("/calls").store(store.clone()),
         &calls,
-        |_| tokio::time::sleep(Duration::from_millis(500)),
+        Duration::from_millis(500),
     );
     let dropped = tokio::time::timeout(
         Duration::from_millis(100),
@@ -198,7 +178,7 @@ async fn a_dropped_response_future_still_completes_and_stores() {
 async fn without_run_to_completion_a_dropped_response_future_cancels_the_handler() {
     let store = TestStore::new(MemoryStore::new());
     let calls = Calls::default();
-    let app = app_with(
+    let app = calls_app_with(
         IdempotencyLayer::new()
             .post("/calls")
             .store(store.clone())
@@ -231,7 +211,7 @@ async fn twenty_concurrent_duplicates_run_the_handler_once() {
     let gate = Gate::default();
     let calls = Calls::default();
     let g = gate.clone();
-    let app = app_with(IdempotencyLayer::new().post("/calls"), &calls, move |_| {
+    let app = calls_app_with(IdempotencyLayer::new().post("/calls"), &calls, move |_| {
         let g = g.clone();
         async move { g.enter().await }
     });
@@ -278,7 +258,7 @@ async fn different_keys_never_wait_on_each_other() {
     let gate = Gate::default();
     let calls = Calls::default();
     let g = gate.clone();
-    let app = app_with(IdempotencyLayer::new().post("/calls"), &calls, move |run| {
+    let app = calls_app_with(IdempotencyLayer::new().post("/calls"), &calls, move |run| {
         let g = g.clone();
         async move {
             if run == 1 {
@@ -322,7 +302,7 @@ async fn waiting_duplicates_get_the_replay() {
     let gate = Gate::default();
     let calls = Calls::default();
     let g = gate.clone();
-    let app = app_with(waiting(HANG, &store), &calls, move |_| {
+    let app = calls_app_with(waiting(HANG, &store), &calls, move |_| {
         let g = g.clone();
         async move { g.enter().await }
     });
@@ -359,9 +339,11 @@ async fn waiters_are_woken_by_the_completion_not_by_polling() {
     // would see it later; a notified one answers at the same instant.
     let store = TestStore::new(MemoryStore::new());
     let calls = Calls::default();
-    let app = app_with(waiting(Duration::from_secs(60), &store), &calls, |_| {
-        tokio::time::sleep(Duration::from_secs(5))
-    });
+    let app = slow_calls_app(
+        waiting(Duration::from_secs(60), &store),
+        &calls,
+        Duration::from_secs(5),
+    );
     let owner = tokio::spawn({
         let app = app.clone();
         async move {
@@ -392,7 +374,7 @@ async fn a_waiter_past_its_timeout_gets_409() {
     let gate = Gate::default();
     let calls = Calls::default();
     let g = gate.clone();
-    let app = app_with(waiting(Duration::from_secs(2), &store), &calls, move |_| {
+    let app = calls_app_with(waiting(Duration::from_secs(2), &store), &calls, move |_| {
         let g = g.clone();
         async move { g.enter().await }
     });
@@ -486,13 +468,13 @@ async fn when_the_owner_panics_one_waiter_takes_over() {
 async fn a_long_handler_keeps_its_lease_by_renewing_it() {
     let store = TestStore::new(MemoryStore::new());
     let calls = Calls::default();
-    let app = app_with(
+    let app = slow_calls_app(
         IdempotencyLayer::new()
             .post("/calls")
             .store(store.clone())
             .lease(Duration::from_secs(3)),
         &calls,
-        |_| tokio::time::sleep(Duration::from_secs(10)),
+        Duration::from_secs(10),
     );
     let owner = tokio::spawn({
         let app = app.clone();
@@ -520,7 +502,7 @@ async fn an_abandoned_lease_is_taken_over_after_it_expires_and_its_late_completi
     let gate = Gate::default();
     let calls = Calls::default();
     let g = gate.clone();
-    let app = app_with(
+    let app = calls_app_with(
         IdempotencyLayer::new()
             .post("/calls")
             .store(store.clone())
@@ -592,7 +574,7 @@ async fn an_owner_cut_off_from_the_store_cannot_overwrite_its_successor() {
     let gate = Gate::default();
     let calls = Calls::default();
     let g = gate.clone();
-    let app = app_with(
+    let app = calls_app_with(
         IdempotencyLayer::new()
             .post("/calls")
             .store(store.clone())
@@ -651,7 +633,7 @@ async fn a_failing_store_fails_closed_with_503_and_nothing_runs() {
     let store = TestStore::new(MemoryStore::new());
     store.set_faults(|f| f.begin = Fault::Fail);
     let calls = Calls::default();
-    let app = app_with(
+    let app = calls_app_with(
         IdempotencyLayer::new().post("/calls").store(store.clone()),
         &calls,
         |_| async {},
@@ -676,7 +658,7 @@ async fn a_hanging_store_times_out_into_503() {
             layer = layer.store_timeout(Duration::from_secs(secs));
         }
         let calls = Calls::default();
-        let app = app_with(layer, &calls, |_| async {});
+        let app = calls_app_with(layer, &calls, |_| async {});
         let started = Instant::now();
         let reply = send(&app, request("/calls", Some("k"), "{}")).await;
         reply.assert_problem(StatusCode::SERVICE_UNAVAILABLE, "store-unavailable");
@@ -692,7 +674,7 @@ async fn failing_open_runs_unprotected_and_says_so() {
         let store = TestStore::new(MemoryStore::new());
         store.set_faults(|f| f.begin = fault);
         let calls = Calls::default();
-        let app = app_with(
+        let app = calls_app_with(
             IdempotencyLayer::new()
                 .post("/calls")
                 .store(store.clone())
@@ -719,7 +701,7 @@ async fn a_response_the_store_failed_to_keep_is_sent_and_not_run_twice() {
     let store = TestStore::new(MemoryStore::new());
     store.set_faults(|f| f.complete = Fault::Fail);
     let calls = Calls::default();
-    let app = app_with(
+    let app = calls_app_with(
         IdempotencyLayer::new()
             .post("/calls")
             .store(store.clone())
@@ -757,7 +739,7 @@ async fn a_full_store_answers_503_and_never_evicts_live_records() {
     let gate = Gate::default();
     let calls = Calls::default();
     let g = gate.clone();
-    let app = app_with(
+    let app = calls_app_with(
         IdempotencyLayer::new()
             .post("/calls")
             .store(store.clone())

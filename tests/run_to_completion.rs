@@ -25,7 +25,7 @@ use axum::{Router, body::Bytes, routing::post};
 use tower::ServiceExt;
 use tower_idempotency::{IdempotencyLayer, MemoryStore};
 
-use support::{Calls, TestStore, created, request, send};
+use support::{Calls, TestStore, created, request, send, slow_calls_app};
 
 /// The request's future is polled inside the runtime's context until its handler has started,
 /// then dropped on this thread, outside any runtime: the handler still finishes on the runtime,
@@ -88,22 +88,14 @@ fn a_request_dropped_outside_the_runtime_still_completes() {
 async fn a_request_kept_but_not_polled_still_completes_and_keeps_its_lease() {
     let store = TestStore::new(MemoryStore::new());
     let calls = Calls::default();
-    let counted = calls.clone();
-    let app = Router::new()
-        .route(
-            "/calls",
-            post(move |body: Bytes| async move {
-                let run = counted.hit();
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                created(run, &body)
-            }),
-        )
-        .layer(
-            IdempotencyLayer::new()
-                .post("/calls")
-                .store(store.clone())
-                .lease(Duration::from_millis(300)),
-        );
+    let app = slow_calls_app(
+        IdempotencyLayer::new()
+            .post("/calls")
+            .store(store.clone())
+            .lease(Duration::from_millis(300)),
+        &calls,
+        Duration::from_millis(100),
+    );
 
     let mut held = Box::pin(app.clone().oneshot(request("/calls", Some("k-held"), "{}")));
     let mut cx = Context::from_waker(Waker::noop());

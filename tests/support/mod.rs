@@ -161,11 +161,41 @@ impl Calls {
 /// A router with the standard create handler ([`created`]) on `POST /calls` behind `layer`,
 /// counting runs in `calls`.
 pub fn calls_app(layer: tower_idempotency::IdempotencyLayer, calls: &Calls) -> axum::Router {
+    // `async {}` is ready at once: the handler never yields, as if it had no `before`.
+    calls_app_with(layer, calls, |_| async {})
+}
+
+/// [`calls_app`] with a slow handler: each run is counted in `calls` as it starts, sleeps
+/// `delay` (on tokio's clock: with the clock paused, in virtual time), then answers [`created`]
+/// with its run number.
+pub fn slow_calls_app(
+    layer: tower_idempotency::IdempotencyLayer,
+    calls: &Calls,
+    delay: Duration,
+) -> axum::Router {
+    calls_app_with(layer, calls, move |_| tokio::time::sleep(delay))
+}
+
+/// [`calls_app`] whose handler, once it has counted its run, awaits `before(run)` (a gate, a
+/// sleep for some runs only) before it answers [`created`].
+pub fn calls_app_with<F, Fut>(
+    layer: tower_idempotency::IdempotencyLayer,
+    calls: &Calls,
+    before: F,
+) -> axum::Router
+where
+    F: Fn(usize) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send,
+{
     let calls = calls.clone();
     axum::Router::new()
         .route(
             "/calls",
-            axum::routing::post(move |body: Bytes| async move { created(calls.hit(), &body) }),
+            axum::routing::post(move |body: Bytes| async move {
+                let run = calls.hit();
+                before(run).await;
+                created(run, &body)
+            }),
         )
         .layer(layer)
 }
