@@ -6,9 +6,9 @@
 //! request is dropped, was tried (it saves about a seventh of a first request's time): a
 //! request kept but not polled then stalls its handler and its lease renewals, the lease
 //! expires, and the retry runs the handler a second time. The second test here fails that way.
-//! That a dropped request's handler still completes and stores is also in `retry_safety.rs`
-//! (`a_dropped_response_future_still_completes_and_stores`), and that the drain waits for it in
-//! `durable_completion.rs`.
+//! That a dropped request's handler still completes and stores is also in
+//! `client_disconnects.rs` (`a_dropped_response_future_still_completes_and_stores`), and that
+//! the drain waits for it in `durable_completion.rs`.
 
 mod support;
 
