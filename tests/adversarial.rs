@@ -564,16 +564,7 @@ async fn durations_meant_as_for_ever_do_not_panic_or_run_twice() {
     ];
     for (setting, set) in settings {
         let calls = Calls::default();
-        let counted = calls.clone();
-        let app = Router::new()
-            .route(
-                "/calls",
-                post(move |body: Bytes| {
-                    let calls = counted.clone();
-                    async move { created(calls.hit(), &body) }
-                }),
-            )
-            .layer(set(IdempotencyLayer::new()))
+        let app = calls_app(set(IdempotencyLayer::new()), &calls)
             .layer(tower_http::catch_panic::CatchPanicLayer::new());
         let first = send(&app, request("/calls", Some("k"), "{}")).await;
         assert_eq!(first.status, StatusCode::CREATED, "{setting}: {first:?}");
@@ -597,20 +588,12 @@ async fn a_begin_whose_reply_was_lost_does_not_block_the_key_for_a_lease() {
 
     let store = FaultyStore::new(MemoryStore::new());
     let calls = Calls::default();
-    let counted = calls.clone();
-    let app = Router::new()
-        .route(
-            "/calls",
-            post(move |body: Bytes| {
-                let calls = counted.clone();
-                async move { created(calls.hit(), &body) }
-            }),
-        )
-        .layer(
-            IdempotencyLayer::new()
-                .store(store.clone())
-                .lease(Duration::from_secs(5)),
-        );
+    let app = calls_app(
+        IdempotencyLayer::new()
+            .store(store.clone())
+            .lease(Duration::from_secs(5)),
+        &calls,
+    );
     store.set(StoreOp::Begin, StoreFault::LoseReply);
     let lost = send(&app, request("/calls", Some("k"), "{}")).await;
     lost.assert_problem(StatusCode::SERVICE_UNAVAILABLE, "store-unavailable");

@@ -17,7 +17,7 @@ use tower_idempotency::{
     store::{Begin, Fingerprint, IdempotencyStore, StoreErrorKind, StoreKey, StoredResponse},
 };
 
-use support::{Calls, KEY, created, send};
+use support::{Calls, KEY, calls_app, send};
 
 // ---------------------------------------------------------------------------------------------
 // scope_fn
@@ -56,13 +56,7 @@ fn tenant_request(tenant: Option<&str>, key: &str) -> Request<Body> {
 #[tokio::test]
 async fn scope_fn_scopes_the_layer() {
     let calls = Calls::default();
-    let counted = calls.clone();
-    let app = Router::new()
-        .route(
-            "/calls",
-            post(move |body: Bytes| async move { created(counted.hit(), &body) }),
-        )
-        .layer(IdempotencyLayer::new().scope(tenant_scope()));
+    let app = calls_app(IdempotencyLayer::new().scope(tenant_scope()), &calls);
     let acme = send(&app, tenant_request(Some("acme"), "k")).await;
     let again = send(&app, tenant_request(Some("acme"), "k")).await;
     let globex = send(&app, tenant_request(Some("globex"), "k")).await;

@@ -11,23 +11,20 @@ mod support;
 
 use std::time::Duration;
 
-use axum::{Router, body::Bytes, routing::post};
+use axum::{Router, routing::post};
 use http::StatusCode;
 use tower_idempotency::{IdempotencyLayer, MemoryStore};
 
-use support::{Calls, Fault, TestStore, capture_trace, created, request, send, take_trace};
+use support::{Calls, Fault, TestStore, calls_app, capture_trace, request, send, take_trace};
 
 const LEASE: Duration = Duration::from_secs(10);
 
 /// `/calls` counting its runs, behind a layer on `store` with a 10 s lease.
 fn app(store: &TestStore, calls: &Calls, layer: IdempotencyLayer) -> Router {
-    let counted = calls.clone();
-    Router::new()
-        .route(
-            "/calls",
-            post(move |body: Bytes| async move { created(counted.hit(), &body) }),
-        )
-        .layer(layer.post("/calls").store(store.clone()).lease(LEASE))
+    calls_app(
+        layer.post("/calls").store(store.clone()).lease(LEASE),
+        calls,
+    )
 }
 
 /// Lets the paused clock run `by` forward, with every task woken on the way.
@@ -270,13 +267,10 @@ async fn a_refused_repeat_after_a_lost_reply_is_explained() {
     let store = FaultyStore::new(MemoryStore::new());
     store.set(StoreOp::Complete, Injected::LoseReply);
     let calls = Calls::default();
-    let counted = calls.clone();
-    let app = Router::new()
-        .route(
-            "/calls",
-            post(move |body: Bytes| async move { created(counted.hit(), &body) }),
-        )
-        .layer(IdempotencyLayer::new().post("/calls").store(store.clone()));
+    let app = calls_app(
+        IdempotencyLayer::new().post("/calls").store(store.clone()),
+        &calls,
+    );
     send(&app, request("/calls", Some("k"), "{}")).await;
     store.clear();
     pass(Duration::from_secs(1)).await;
