@@ -3,6 +3,7 @@
 //! whitespace dropped, strings re-escaped in one canonical way, numbers written as parsed,
 //! array order kept. One pass over the text, without building a tree; the tests hold it to
 //! the same bytes as parsing into a `serde_json::Value` and writing that with sorted keys.
+
 /// The canonical form of a JSON text, or `None` if it is not JSON (or nests 128 levels deep or
 /// more).
 ///
