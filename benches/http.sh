@@ -3,7 +3,7 @@
 # loopback, with and without the idempotency layer, measured with wrk.
 #
 #   bash benches/http.sh
-#   DURATION=5s CONNECTIONS=64 bash benches/http.sh
+#   ROUNDS=5 DURATION=5s CONNECTIONS=64 bash benches/http.sh
 #   HANDLER_DELAY_MS=5 bash benches/http.sh      # handlers that take 5 ms
 #
 # Scenarios, each a POST with a 1 KiB JSON body and `Authorization: Bearer ...`:
@@ -12,15 +12,21 @@
 #   first       POST /calls, a new key and body each: every request runs and is stored
 #   replay      POST /calls, one key and one body, stored beforehand: every request is a replay
 #   unlisted    POST /voices with a key: not an idempotent endpoint, passes through
-#   bare again  the baseline once more, to show how much the machine drifted during the run
 #
-# Each scenario starts seed_api afresh (release build) on 127.0.0.1:PORT and stops it after.
-# Every scenario is bounded by DURATION; nothing leaves the loopback interface.
+# The scenarios run in ROUNDS rounds (default 3), in turn within each round: forwards in odd
+# rounds, backwards in even ones, so that a machine that speeds up or slows down during the run
+# weighs on every scenario alike. Each scenario is compared with the bare run of its own round,
+# and the table gives the median over the rounds with the lowest and highest round.
+#
+# Each run starts seed_api afresh (release build) on 127.0.0.1:PORT and stops it after.
+# Every run is bounded by DURATION (default 5s), after a warm-up run of 2 s that is not counted;
+# nothing leaves the loopback interface.
 # Needs wrk (Debian package `wrk`) and curl.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DURATION=${DURATION:-10s}
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-5s}
 CONNECTIONS=${CONNECTIONS:-32}
 THREADS=${THREADS:-1}
 PORT=${PORT:-38080}
@@ -122,13 +128,14 @@ handler_calls() {
   curl -s -H "$AUTH" "$url/stats" | tr -cd '0-9'
 }
 
-# measure NAME URL SCRIPT ARGS...: one wrk run; prints a summary line to $work/results.
+# measure NAME URL SCRIPT ARGS...: one wrk run; adds a line to $work/results: the round, the
+# scenario, requests/s, p50, p90 and p99 in ms, and the count of non-2xx responses.
 measure() {
   local name=$1 url=$2 script=$3
   shift 3
-  local out="$work/$name.txt"
+  local out="$work/$name.$round.txt"
   wrk -t "$THREADS" -c "$CONNECTIONS" -d "$DURATION" --latency -s "$work/$script" "$url" -- "$@" >"$out"
-  awk -v name="$name" '
+  awk -v round="$round" -v name="$name" '
     function ms(v) {
       if (v ~ /us$/) return v / 1000
       if (v ~ /ms$/) return v + 0
@@ -140,42 +147,81 @@ measure() {
     /^ +90%/ { p90 = ms($2) }
     /^ +99%/ { p99 = ms($2) }
     /Non-2xx or 3xx responses/ { bad = $NF }
-    END { printf "%s %s %.3f %.3f %.3f %d\n", name, rps, p50, p90, p99, bad + 0 }
+    END { printf "%d %s %s %.3f %.3f %.3f %d\n", round, name, rps, p50, p90, p99, bad + 0 }
   ' "$out" >>"$work/results"
 }
 
-echo "wrk: $THREADS thread(s), $CONNECTIONS connections, $DURATION per scenario, handler delay ${HANDLER_DELAY_MS} ms"
+# One run of each scenario.
+scenario() {
+  case $1 in
+    bare)
+      start --no-idempotency
+      measure bare "$url" fresh.lua /calls "$run_id-bare-$round"
+      ;;
+    first)
+      start
+      measure first "$url" fresh.lua /calls "$run_id-first-$round"
+      ;;
+    replay)
+      start
+      # The replayed record: one connection for a second, so the first request runs and the
+      # rest are replays.
+      local key="$replay_key-$round"
+      wrk -t 1 -c 1 -d 1s -s "$work/same.lua" "$url" -- /calls "$key" >/dev/null
+      local before
+      before=$(handler_calls)
+      measure replay "$url" same.lua /calls "$key"
+      replay_runs=$((replay_runs + $(handler_calls) - before))
+      ;;
+    unlisted)
+      start
+      measure unlisted "$url" fresh.lua /voices "$run_id-unlisted-$round"
+      ;;
+  esac
+  stop
+}
+
+echo "wrk: $THREADS thread(s), $CONNECTIONS connections, $DURATION per run, $ROUNDS rounds, handler delay ${HANDLER_DELAY_MS} ms"
+# A warm-up run, not counted: the first run after a build is slower (cold caches and page
+# faults in the server and in wrk), which would weigh on whichever scenario comes first.
 start --no-idempotency
-measure bare "$url" fresh.lua /calls "$run_id-bare"
+wrk -t "$THREADS" -c "$CONNECTIONS" -d 2s -s "$work/fresh.lua" "$url" -- /calls "$run_id-warm-up" >/dev/null
 stop
-start
-measure first "$url" fresh.lua /calls "$run_id-first"
-stop
-start
-# The replayed record: one connection for a second, so the first request runs and the rest
-# are replays.
-wrk -t 1 -c 1 -d 1s -s "$work/same.lua" "$url" -- /calls "$replay_key" >/dev/null
-runs_before=$(handler_calls)
-measure replay "$url" same.lua /calls "$replay_key"
-runs_after=$(handler_calls)
-stop
-start
-measure unlisted "$url" fresh.lua /voices "$run_id-unlisted"
-stop
-start --no-idempotency
-measure bare_again "$url" fresh.lua /calls "$run_id-bare-again"
-stop
+replay_runs=0
+for round in $(seq "$ROUNDS"); do
+  if ((round % 2)); then order=(bare first replay unlisted); else order=(unlisted replay first bare); fi
+  for name in "${order[@]}"; do scenario "$name"; done
+done
 
 echo
+echo "Each round (requests/s):"
+awk '{ printf "  round %d %-8s %8.0f  p50 %.3f ms  p99 %.3f ms  non-2xx %d\n", $1, $2, $3, $4, $6, $7 }' "$work/results"
+echo
 awk '
-  { name[NR] = $1; rps[NR] = $2; p50[NR] = $3; p90[NR] = $4; p99[NR] = $5; bad[NR] = $6 }
+  function median(list, n,    i, j, t, a) {
+    split(list, a, " ")
+    for (i = 2; i <= n; i++) for (j = i; j > 1 && a[j - 1] + 0 > a[j] + 0; j--) { t = a[j]; a[j] = a[j - 1]; a[j - 1] = t }
+    return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+  }
+  { row[NR] = $0; if ($2 == "bare") bare[$1] = $3 }
   END {
-    base = rps[1]
-    printf "| scenario | requests/s | vs bare | p50 ms | p90 ms | p99 ms | non-2xx |\n"
+    split("bare first replay unlisted", names, " ")
+    for (r = 1; r <= NR; r++) {
+      split(row[r], f, " ")
+      s = f[2]; n[s]++
+      rps[s] = rps[s] " " f[3]; ratio[s] = ratio[s] " " f[3] / bare[f[1]]
+      p50[s] = p50[s] " " f[4]; p90[s] = p90[s] " " f[5]; p99[s] = p99[s] " " f[6]; bad[s] += f[7]
+      if (!(s in lo) || f[3] / bare[f[1]] < lo[s]) lo[s] = f[3] / bare[f[1]]
+      if (!(s in hi) || f[3] / bare[f[1]] > hi[s]) hi[s] = f[3] / bare[f[1]]
+    }
+    printf "| scenario | requests/s (median) | vs bare, same round: median (lowest to highest) | p50 ms | p90 ms | p99 ms | non-2xx |\n"
     printf "|---|---:|---:|---:|---:|---:|---:|\n"
-    for (i = 1; i <= NR; i++)
-      printf "| %s | %.0f | %.2f | %.3f | %.3f | %.3f | %d |\n", name[i], rps[i], rps[i] / base, p50[i], p90[i], p99[i], bad[i]
+    for (i = 1; i <= 4; i++) {
+      s = names[i]
+      if (!n[s]) continue
+      printf "| %s | %.0f | %.2f (%.2f to %.2f) | %.3f | %.3f | %.3f | %d |\n", s, median(rps[s], n[s]), median(ratio[s], n[s]), lo[s], hi[s], median(p50[s], n[s]), median(p90[s], n[s]), median(p99[s], n[s]), bad[s]
+    }
   }
 ' "$work/results"
 echo
-echo "handler runs during the replay scenario: $((runs_after - runs_before)) (0: every request was a replay)"
+echo "handler runs during the replay runs: $replay_runs (0: every request was a replay)"
