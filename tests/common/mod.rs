@@ -3,6 +3,10 @@
 
 #[cfg(feature = "testing")]
 pub mod conformance;
+// Behind `testing` too, as are the tests that use it: the reference API's tests include this
+// module, and that package has no `testing` feature, nor the crates `mysql` needs.
+#[cfg(all(feature = "mysql", feature = "testing"))]
+pub mod mysql;
 
 use std::io::Write;
 
