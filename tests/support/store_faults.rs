@@ -1,7 +1,8 @@
-//! Three instances of an API share one store (Redis, PostgreSQL or MySQL/MariaDB) through a
-//! TCP fault proxy, while clients retry every create until they get a 2xx; the network to the
-//! store fails under them. The handler must run exactly once per create, and every client of a
-//! create must get the one response.
+//! The fault runs of `tests/store_faults_redis.rs`, `store_faults_postgres.rs` and
+//! `store_faults_mysql.rs`: three instances of an API share one store (Redis, PostgreSQL or
+//! MySQL/MariaDB) through a TCP fault proxy, while clients retry every create until they get a
+//! 2xx; the network to the store fails under them. The handler must run exactly once per
+//! create, and every client of a create must get the one response.
 //!
 //! - Each instance is an axum app on a listener of its own, with its own layer and its own
 //!   store connection (`RedisStore::open`, `PostgresStore::connect`, `MySqlStore::connect`) to
@@ -16,15 +17,7 @@
 //!   lost); a 6 s crash of the store (every connection closed, new ones refused, then back with
 //!   its data); on PostgreSQL and MySQL also latency spikes (every chunk delayed 1.5 s each way
 //!   for 2 s, then 3 s each way for 4 s).
-//! - The tests of the proxy itself, against an echo server, are at the end.
-//!
-//! Needs `REDIS_URL` / `DATABASE_URL` / `MYSQL_URL`; unset, a test prints that it is skipped and
-//! passes, except under `CI=true`, where it fails. Records go under a Redis key prefix, or into
-//! a PostgreSQL or MySQL table, of the run's own (the table is dropped afterwards).
-#![cfg(any(feature = "redis", feature = "postgres", feature = "mysql"))]
-
-mod common;
-mod support;
+//! - The tests of the proxy itself, against an echo server, are in `tests/fault_proxy.rs`.
 
 use std::{
     collections::HashMap,
@@ -38,11 +31,12 @@ use std::{
 
 use axum::{Json, Router, http::StatusCode, routing::post};
 use serde_json::{Value, json};
-use support::proxy::{FaultProxy, NetFault};
 use tokio::{net::TcpListener, task::JoinSet, time::Instant};
 use tower_idempotency::{IdempotencyLayer, IdempotencyStore};
 
-const INSTANCES: usize = 3;
+use super::proxy::{FaultProxy, NetFault};
+
+pub const INSTANCES: usize = 3;
 const CREATES: usize = 150;
 const CLIENTS_PER_CREATE: usize = 2;
 const LEASE: Duration = Duration::from_secs(10);
@@ -69,7 +63,7 @@ const fn ms(ms: u64) -> Duration {
 }
 
 /// A run's shape: when the creates start, and the faults.
-struct Plan {
+pub struct Plan {
     /// Creates start evenly over this span from the start of the run.
     spread: Duration,
     faults: &'static [Window],
@@ -77,7 +71,7 @@ struct Plan {
 
 /// A 6 s partition from 2 s on, while the creates started in the first 4 s run: bytes stop
 /// both ways and flow again after, nothing lost.
-const PARTITION: Plan = Plan {
+pub const PARTITION: Plan = Plan {
     spread: ms(4_000),
     faults: &[Window {
         at: ms(2_000),
@@ -88,7 +82,7 @@ const PARTITION: Plan = Plan {
 
 /// The store crashes for 6 s from 2 s on, while the creates started in the first 4 s run:
 /// every connection is closed and new ones are refused, then it is back with its data.
-const CRASH: Plan = Plan {
+pub const CRASH: Plan = Plan {
     spread: ms(4_000),
     faults: &[Window {
         at: ms(2_000),
@@ -100,8 +94,7 @@ const CRASH: Plan = Plan {
 /// Latency spikes, 6 s in all from 1 s on: every chunk delayed 1.5 s each way for 2 s, then
 /// 3 s each way for 4 s, while the creates started in the first 6 s run. Every store call then
 /// outlasts the layer's store timeout (2 s): to the layer it is a 6 s outage.
-#[cfg_attr(not(any(feature = "postgres", feature = "mysql")), allow(dead_code))]
-const LATENCY: Plan = Plan {
+pub const LATENCY: Plan = Plan {
     spread: ms(6_000),
     faults: &[
         Window {
@@ -117,17 +110,17 @@ const LATENCY: Plan = Plan {
     ],
 };
 
-/// The tests of this file run one at a time: each loads the two cores on its own.
-static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+/// The fault runs of a test binary run one at a time: each loads the two cores on its own.
+pub static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// A name of this run's own: 16 hex digits.
-fn unique() -> String {
+pub fn unique() -> String {
     uuid::Uuid::new_v4().simple().to_string()[..16].to_owned()
 }
 
 /// The `host:port` that `url` names (`default_port` when it names none), and `url` with it
 /// replaced by `proxy`.
-fn through_proxy(url: &str, proxy: SocketAddr, default_port: u16) -> (String, String) {
+pub fn through_proxy(url: &str, proxy: SocketAddr, default_port: u16) -> (String, String) {
     let (scheme, rest) = url.split_once("://").expect("a URL with a scheme");
     let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
     let (authority, tail) = rest.split_at(authority_end);
@@ -147,9 +140,9 @@ fn through_proxy(url: &str, proxy: SocketAddr, default_port: u16) -> (String, St
 }
 
 /// The address of the server `url` names.
-async fn upstream(url: &str, default_port: u16) -> SocketAddr {
+pub async fn upstream(url: &str, default_port: u16) -> SocketAddr {
     let unused = SocketAddr::from(([127, 0, 0, 1], 0));
-    support::proxy::resolve(&through_proxy(url, unused, default_port).0).await
+    super::proxy::resolve(&through_proxy(url, unused, default_port).0).await
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -339,7 +332,12 @@ async fn client(
 
 /// Runs `plan` against three instances on `stores` (each reaching the store through `proxy`),
 /// then checks that every create ran once and every client got its one response.
-async fn run(test: &str, proxy: &FaultProxy, stores: Vec<Arc<dyn IdempotencyStore>>, plan: &Plan) {
+pub async fn run(
+    test: &str,
+    proxy: &FaultProxy,
+    stores: Vec<Arc<dyn IdempotencyStore>>,
+    plan: &Plan,
+) {
     assert_eq!(stores.len(), INSTANCES);
     // The layer's trace, with `RUST_LOG` (`tower_idempotency=info`, say), to see why a create
     // ran twice.
@@ -471,310 +469,4 @@ async fn run(test: &str, proxy: &FaultProxy, stores: Vec<Arc<dyn IdempotencyStor
         "clients of one create got different responses: {disagreeing:?}"
     );
     servers.abort_all();
-}
-
-/// Runs `plan` on three `RedisStore`s, each with its own connection through a fault proxy to
-/// `REDIS_URL`, under a key prefix of the run's own.
-#[cfg(feature = "redis")]
-async fn on_redis(test: &str, plan: &Plan) {
-    use tower_idempotency::store::RedisStore;
-
-    let Some(url) = common::service_url("REDIS_URL", test) else {
-        return;
-    };
-    let _alone = ONE_AT_A_TIME.lock().await;
-    let proxy = FaultProxy::start(upstream(&url, 6379).await).await;
-    let (_, proxied) = through_proxy(&url, proxy.addr(), 6379);
-    let prefix = format!("tower-idempotency-test:faults:{}:", unique());
-    let mut stores: Vec<Arc<dyn IdempotencyStore>> = Vec::new();
-    for _ in 0..INSTANCES {
-        let store = RedisStore::open(&proxied)
-            .await
-            .unwrap_or_else(|e| panic!("Redis at {url} (through the proxy): {e}"))
-            .prefix(prefix.clone());
-        stores.push(Arc::new(store));
-    }
-    run(test, &proxy, stores, plan).await;
-}
-
-/// Runs `plan` on three `PostgresStore`s, each with its own pool through a fault proxy to
-/// `DATABASE_URL`, on a table of the run's own (dropped afterwards, also on failure).
-#[cfg(feature = "postgres")]
-async fn on_postgres(test: &str, plan: &Plan) {
-    use std::panic::AssertUnwindSafe;
-
-    use futures_util::FutureExt;
-    use sqlx::AssertSqlSafe;
-    use tower_idempotency::store::PostgresStore;
-
-    let Some(url) = common::service_url("DATABASE_URL", test) else {
-        return;
-    };
-    let _alone = ONE_AT_A_TIME.lock().await;
-    let proxy = FaultProxy::start(upstream(&url, 5432).await).await;
-    let (_, proxied) = through_proxy(&url, proxy.addr(), 5432);
-    let table = format!("idem_faults_{}", unique());
-    let mut stores = Vec::new();
-    for _ in 0..INSTANCES {
-        let store = PostgresStore::connect(&proxied)
-            .await
-            .unwrap_or_else(|e| panic!("PostgreSQL at {url} (through the proxy): {e}"))
-            .with_table_name(&table)
-            .expect("a valid table name");
-        store.migrate().await.expect("migrate");
-        stores.push(store);
-    }
-    let shared = stores
-        .into_iter()
-        .map(|store| Arc::new(store) as Arc<dyn IdempotencyStore>)
-        .collect();
-    let outcome = AssertUnwindSafe(run(test, &proxy, shared, plan))
-        .catch_unwind()
-        .await;
-    // On a connection of its own, not through the proxy.
-    let admin = sqlx::PgPool::connect(&url).await.expect("connect");
-    sqlx::query(AssertSqlSafe(format!("DROP TABLE IF EXISTS \"{table}\"")))
-        .execute(&admin)
-        .await
-        .expect("drop the test table");
-    if let Err(panic) = outcome {
-        std::panic::resume_unwind(panic);
-    }
-}
-
-/// Runs `plan` on three `MySqlStore`s, each with its own pool through a fault proxy to
-/// `MYSQL_URL`, on a table of the run's own (dropped afterwards, also on failure).
-#[cfg(feature = "mysql")]
-async fn on_mysql(test: &str, plan: &Plan) {
-    use std::panic::AssertUnwindSafe;
-
-    use futures_util::FutureExt;
-    use sqlx::AssertSqlSafe;
-    use tower_idempotency::store::MySqlStore;
-
-    let Some(url) = common::service_url("MYSQL_URL", test) else {
-        return;
-    };
-    let _alone = ONE_AT_A_TIME.lock().await;
-    let proxy = FaultProxy::start(upstream(&url, 3306).await).await;
-    let (_, proxied) = through_proxy(&url, proxy.addr(), 3306);
-    let table = format!("idem_faults_{}", unique());
-    let mut stores = Vec::new();
-    for _ in 0..INSTANCES {
-        let store = MySqlStore::connect(&proxied)
-            .await
-            .unwrap_or_else(|e| panic!("MySQL at {url} (through the proxy): {e}"))
-            .with_table_name(&table)
-            .expect("a valid table name");
-        store.migrate().await.expect("migrate");
-        stores.push(store);
-    }
-    let shared = stores
-        .into_iter()
-        .map(|store| Arc::new(store) as Arc<dyn IdempotencyStore>)
-        .collect();
-    let outcome = AssertUnwindSafe(run(test, &proxy, shared, plan))
-        .catch_unwind()
-        .await;
-    // On a connection of its own, not through the proxy.
-    let admin = sqlx::MySqlPool::connect(&url).await.expect("connect");
-    sqlx::query(AssertSqlSafe(format!("DROP TABLE IF EXISTS `{table}`")))
-        .execute(&admin)
-        .await
-        .expect("drop the test table");
-    if let Err(panic) = outcome {
-        std::panic::resume_unwind(panic);
-    }
-}
-
-#[cfg(feature = "mysql")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mysql_partition_shorter_than_the_lease_runs_every_create_once() {
-    on_mysql(
-        "mysql_partition_shorter_than_the_lease_runs_every_create_once",
-        &PARTITION,
-    )
-    .await;
-}
-
-#[cfg(feature = "mysql")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mysql_crash_shorter_than_the_lease_runs_every_create_once() {
-    on_mysql(
-        "mysql_crash_shorter_than_the_lease_runs_every_create_once",
-        &CRASH,
-    )
-    .await;
-}
-
-#[cfg(feature = "mysql")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mysql_latency_spikes_run_every_create_once() {
-    on_mysql("mysql_latency_spikes_run_every_create_once", &LATENCY).await;
-}
-
-#[cfg(feature = "redis")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_partition_shorter_than_the_lease_runs_every_create_once() {
-    on_redis(
-        "redis_partition_shorter_than_the_lease_runs_every_create_once",
-        &PARTITION,
-    )
-    .await;
-}
-
-#[cfg(feature = "redis")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_crash_shorter_than_the_lease_runs_every_create_once() {
-    on_redis(
-        "redis_crash_shorter_than_the_lease_runs_every_create_once",
-        &CRASH,
-    )
-    .await;
-}
-
-#[cfg(feature = "postgres")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_partition_shorter_than_the_lease_runs_every_create_once() {
-    on_postgres(
-        "postgres_partition_shorter_than_the_lease_runs_every_create_once",
-        &PARTITION,
-    )
-    .await;
-}
-
-#[cfg(feature = "postgres")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_crash_shorter_than_the_lease_runs_every_create_once() {
-    on_postgres(
-        "postgres_crash_shorter_than_the_lease_runs_every_create_once",
-        &CRASH,
-    )
-    .await;
-}
-
-#[cfg(feature = "postgres")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_latency_spikes_run_every_create_once() {
-    on_postgres("postgres_latency_spikes_run_every_create_once", &LATENCY).await;
-}
-
-// ---------------------------------------------------------------------------------------------
-// The proxy itself, against an echo server
-
-mod proxy {
-    use std::time::Duration;
-
-    use tokio::{
-        io::{AsyncReadExt, AsyncWriteExt},
-        net::{TcpListener, TcpStream},
-        time::{Instant, timeout},
-    };
-
-    use super::support::proxy::{FaultProxy, NetFault};
-
-    /// An echo server on a free loopback port.
-    async fn echo_server() -> std::net::SocketAddr {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            while let Ok((mut conn, _)) = listener.accept().await {
-                tokio::spawn(async move {
-                    let (mut read, mut write) = conn.split();
-                    let _ = tokio::io::copy(&mut read, &mut write).await;
-                });
-            }
-        });
-        addr
-    }
-
-    async fn read_exactly(conn: &mut TcpStream, n: usize) -> Vec<u8> {
-        let mut buf = vec![0; n];
-        timeout(Duration::from_secs(10), conn.read_exact(&mut buf))
-            .await
-            .expect("bytes within 10 s")
-            .expect("read");
-        buf
-    }
-
-    /// Whether nothing arrives on `conn` within `wait`.
-    async fn silent(conn: &mut TcpStream, wait: Duration) -> bool {
-        let mut byte = [0; 1];
-        timeout(wait, conn.read(&mut byte)).await.is_err()
-    }
-
-    #[tokio::test]
-    async fn pass_forwards_both_ways() {
-        let proxy = FaultProxy::start(echo_server().await).await;
-        let mut conn = TcpStream::connect(proxy.addr()).await.unwrap();
-        conn.write_all(b"hello").await.unwrap();
-        assert_eq!(read_exactly(&mut conn, 5).await, b"hello");
-    }
-
-    #[tokio::test]
-    async fn blackhole_holds_every_byte_on_old_and_new_connections_then_delivers_them_in_order() {
-        let proxy = FaultProxy::start(echo_server().await).await;
-        let mut old = TcpStream::connect(proxy.addr()).await.unwrap();
-        old.write_all(b"before ").await.unwrap();
-        assert_eq!(read_exactly(&mut old, 7).await, b"before ");
-
-        proxy.set(NetFault::Blackhole);
-        // More than one chunk, written in many pieces, from an open and a new connection.
-        let payload: Vec<u8> = (0..100_000u32).map(|n| (n % 251) as u8).collect();
-        for piece in payload.chunks(1000) {
-            old.write_all(piece).await.unwrap();
-        }
-        let mut new = TcpStream::connect(proxy.addr()).await.unwrap();
-        new.write_all(b"new").await.unwrap();
-        assert!(silent(&mut old, Duration::from_millis(300)).await);
-        assert!(silent(&mut new, Duration::from_millis(50)).await);
-
-        proxy.set(NetFault::Pass);
-        assert_eq!(read_exactly(&mut old, payload.len()).await, payload);
-        assert_eq!(read_exactly(&mut new, 3).await, b"new");
-    }
-
-    #[tokio::test]
-    async fn latency_delays_each_direction() {
-        let proxy = FaultProxy::start(echo_server().await).await;
-        let mut conn = TcpStream::connect(proxy.addr()).await.unwrap();
-        proxy.set(NetFault::Latency(Duration::from_millis(200)));
-        let sent = Instant::now();
-        conn.write_all(b"ping").await.unwrap();
-        assert_eq!(read_exactly(&mut conn, 4).await, b"ping");
-        let took = sent.elapsed();
-        assert!(took >= Duration::from_millis(400), "round trip {took:?}");
-
-        proxy.set(NetFault::Pass);
-        let sent = Instant::now();
-        conn.write_all(b"pong").await.unwrap();
-        assert_eq!(read_exactly(&mut conn, 4).await, b"pong");
-        assert!(sent.elapsed() < Duration::from_millis(200));
-    }
-
-    #[tokio::test]
-    async fn reset_closes_open_connections_and_refuses_new_ones_until_it_ends() {
-        let proxy = FaultProxy::start(echo_server().await).await;
-        let mut old = TcpStream::connect(proxy.addr()).await.unwrap();
-        old.write_all(b"up").await.unwrap();
-        assert_eq!(read_exactly(&mut old, 2).await, b"up");
-
-        proxy.set(NetFault::Reset);
-        let mut buf = [0; 8];
-        let read = timeout(Duration::from_secs(10), old.read(&mut buf))
-            .await
-            .expect("closed within 10 s");
-        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
-        let mut refused = TcpStream::connect(proxy.addr()).await.unwrap();
-        let _ = refused.write_all(b"anyone?").await;
-        let read = timeout(Duration::from_secs(10), refused.read(&mut buf))
-            .await
-            .expect("closed within 10 s");
-        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
-
-        proxy.set(NetFault::Pass);
-        let mut again = TcpStream::connect(proxy.addr()).await.unwrap();
-        again.write_all(b"back").await.unwrap();
-        assert_eq!(read_exactly(&mut again, 4).await, b"back");
-    }
 }
