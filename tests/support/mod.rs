@@ -1,10 +1,12 @@
 //! Helpers shared by the layer's behaviour tests: request builders, a collected response, a
 //! call counter, and [`TestStore`], a store wrapper that injects faults and reports what the
-//! layer asked of it. [`proxy`] puts a store behind a network that fails on demand, and
-//! [`store_faults`] is the run that the store fault tests put each store through.
+//! layer asked of it. [`proxy`] puts a store behind a network that fails on demand,
+//! [`store_faults`] is the run that the store fault tests put each store through, and
+//! [`security`] is the app that two of the security test files share.
 #![allow(dead_code, unreachable_pub)]
 
 pub mod proxy;
+pub mod security;
 #[cfg(any(feature = "redis", feature = "postgres", feature = "mysql"))]
 pub mod store_faults;
 mod test_store;
