@@ -212,8 +212,8 @@ mod tests {
         config_value, text,
     };
 
-    /// Every combination the server's settings can take (the tests in `tests/redis_store.rs`
-    /// start servers with some of them), in any case.
+    /// Every combination the server's settings can take (the tests in
+    /// `tests/redis_store_durability.rs` start servers with some of them), in any case.
     #[test]
     fn settings_map_to_what_a_restart_keeps() {
         let cases: [(&str, &str, &str, RedisDurability); 9] = [
