@@ -208,11 +208,11 @@ awk '
     split("bare first replay unlisted", names, " ")
     for (r = 1; r <= NR; r++) {
       split(row[r], f, " ")
-      s = f[2]; n[s]++
-      rps[s] = rps[s] " " f[3]; ratio[s] = ratio[s] " " f[3] / bare[f[1]]
+      s = f[2]; n[s]++; q = f[3] / bare[f[1]]
+      rps[s] = rps[s] " " f[3]; ratio[s] = ratio[s] " " q
       p50[s] = p50[s] " " f[4]; p90[s] = p90[s] " " f[5]; p99[s] = p99[s] " " f[6]; bad[s] += f[7]
-      if (!(s in lo) || f[3] / bare[f[1]] < lo[s]) lo[s] = f[3] / bare[f[1]]
-      if (!(s in hi) || f[3] / bare[f[1]] > hi[s]) hi[s] = f[3] / bare[f[1]]
+      if (!(s in lo) || q < lo[s]) lo[s] = q
+      if (!(s in hi) || q > hi[s]) hi[s] = q
     }
     printf "| scenario | requests/s (median) | vs bare, same round: median (lowest to highest) | p50 ms | p90 ms | p99 ms | non-2xx |\n"
     printf "|---|---:|---:|---:|---:|---:|---:|\n"
